@@ -1,0 +1,354 @@
+"""Typed run configuration: dataclasses are the schema, recipes (YAML) select values.
+
+A run is configured by one recipe file in ``recipes/`` plus ``key=value`` overrides, the
+form Hydra users know::
+
+    torchrun --nproc_per_node=2 launch/train.py recipe=hybrid_gdn_3to1 scale=cpu train.max_steps=50
+
+Merge order (later wins): dataclass defaults -> recipe YAML -> ``scale`` file
+(``recipes/scale/<name>.yaml``, chosen by the recipe's ``scale:`` key or a ``scale=`` override)
+-> command-line overrides. Merging goes through OmegaConf structured configs, so an unknown
+key or a value of the wrong type fails at start-up; :func:`validate` then checks values that
+types cannot express (choices, ranges, divisibility) and names the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the key and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    """Model shape. ``layer_pattern`` letters: ``G`` Gated DeltaNet, ``A`` full softmax attention.
+
+    The pattern is tiled to ``n_layers`` (``GGGA`` with 8 layers -> ``GGGAGGGA``); ``n_layers``
+    must be a multiple of the pattern length.
+    """
+
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 4
+    layer_pattern: str = "GGGA"
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    # softmax attention (A layers)
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    rope_theta: float = 10000.0
+    attn_output_gate: bool = True
+    # Gated DeltaNet (G layers)
+    gdn_num_heads: int = 4
+    gdn_head_dim: int = 64
+    gdn_expand_v: float = 1.0
+    conv_size: int = 4
+    chunk_size: int = 64
+    # SwiGLU FFN; 0 means round(8/3 * d_model) up to a multiple of 64
+    ffn_hidden_size: int = 0
+    # compute path of the kernels: auto picks Triton on CUDA and torch elsewhere
+    kernels: str = "auto"
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Corpus, tokenizer and packing.
+
+    ``path``: a built-in corpus name (``pd_english``), a local file or directory
+    (``.jsonl``, ``.jsonl.gz``, ``.json``, ``.txt``, ``.parquet``), or ``hf:<owner/name>`` for a
+    Hugging Face hub dataset (needs network).
+    """
+
+    path: str = "pd_english"
+    text_key: str = "text"
+    split: str = "train"
+    seq_len: int = 512
+    val_fraction: float = 0.02
+    tokenizer: str = "auto"  # "auto": train a sentencepiece BPE on the corpus and cache it, or a .model path
+    cache_dir: str = ""  # default: <out_dir>/../.cache/data, shared by runs
+    seed: int = 1234
+
+
+@dataclass
+class ParallelConfig:
+    """Device mesh. ``dp_degree = -1`` takes all ranks not used by other axes."""
+
+    dp_degree: int = -1
+    dp_impl: str = "ddp"  # ddp | fsdp
+    cp_degree: int = 1
+    cp_impl: str = "ring"  # ring | ulysses | usp
+    ulysses_degree: int = 1
+    ep_degree: int = 1
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with decoupled weight decay (Loshchilov & Hutter, 2019) and an LR schedule.
+
+    ``schedule``: ``cosine`` (linear warmup, cosine decay to ``min_lr_ratio * lr``), ``wsd``
+    (warmup-stable-decay: linear warmup, constant, then linear decay over the last
+    ``decay_fraction`` of steps), or ``constant`` (warmup then constant).
+    """
+
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2
+    grad_clip: float = 1.0
+    fused: str = "auto"  # auto | true | false
+
+
+@dataclass
+class TrainConfig:
+    """Run length, batch, checkpoints and logging.
+
+    ``global_batch_size`` and ``micro_batch_size`` count sequences of ``data.seq_len`` tokens, as
+    in Megatron: each optimizer step consumes ``global_batch_size`` sequences, split over the
+    data-parallel ranks and ``global_batch_size / (micro_batch_size * dp)`` accumulation steps.
+    """
+
+    max_steps: int = 200
+    out_dir: str = "runs/default"
+    seed: int = 0
+    global_batch_size: int = 16
+    micro_batch_size: int = 8
+    checkpoint_every: int = 100
+    keep_last: int = 2
+    resume: str = "auto"  # auto | none | <path to a checkpoint directory>
+    eval_every: int = 50
+    eval_batches: int = 4
+    log_every: int = 1
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    nan_policy: str = "stop"  # stop | skip
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    """A whole run: the five recipe sections plus the recipe and scale names."""
+
+    recipe: str = ""
+    scale: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.kernels": ("auto", "triton", "torch"),
+    "parallel.dp_impl": ("ddp", "fsdp"),
+    "parallel.cp_impl": ("ring", "ulysses", "usp"),
+    "parallel.backend": ("auto", "gloo", "nccl"),
+    "optim.schedule": ("cosine", "wsd", "constant"),
+    "optim.fused": ("auto", "true", "false"),
+    "train.dtype": ("auto", "fp32", "bf16"),
+    "train.nan_policy": ("stop", "skip"),
+}
+
+LAYER_TYPES = {"G": "Gated DeltaNet", "A": "softmax attention"}
+
+
+def available_recipes(recipes_dir: Path = RECIPES_DIR) -> list[str]:
+    """Names of the recipes in ``recipes_dir`` (YAML files at its top level)."""
+    return sorted(p.stem for p in recipes_dir.glob("*.yaml"))
+
+
+def available_scales(recipes_dir: Path = RECIPES_DIR) -> list[str]:
+    """Names of the scale presets in ``recipes_dir/scale``."""
+    return sorted(p.stem for p in (recipes_dir / "scale").glob("*.yaml"))
+
+
+def _flat_keys(obj: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            keys += _flat_keys(value, name + ".")
+        else:
+            keys.append(name)
+    return keys
+
+
+def _section_keys(section: str) -> list[str]:
+    default = RunConfig()
+    obj = getattr(default, section, None) if section else default
+    if obj is None or not dataclasses.is_dataclass(obj):
+        return [f.name for f in dataclasses.fields(RunConfig)]
+    return [f.name for f in dataclasses.fields(obj)]
+
+
+def _friendly(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", "") or ""
+    msg = getattr(err, "msg", str(err)).split("\n")[0]
+    if "not in" in msg or "Key '" in msg and "not" in msg:
+        section = key.rsplit(".", 1)[0] if "." in key else ""
+        allowed = ", ".join(_section_keys(section))
+        where = f"section '{section}'" if section else "the top level"
+        return ConfigError(f"unknown key '{key}' in {source}; keys allowed in {where}: {allowed}")
+    return ConfigError(f"bad value for '{key}' in {source}: {msg}")
+
+
+def _load_yaml(path: Path, what: str) -> Any:
+    try:
+        return OmegaConf.load(path)
+    except Exception as e:  # yaml syntax errors come from the yaml library
+        raise ConfigError(f"cannot parse {what} {path}: {e}") from e
+
+
+def _merge(base: Any, other: Any, source: str) -> Any:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as e:
+        raise _friendly(e, source) from e
+
+
+def _recipe_path(name: str, recipes_dir: Path) -> Path:
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    candidate = recipes_dir / f"{name}.yaml"
+    if candidate.exists():
+        return candidate
+    raise ConfigError(
+        f"unknown recipe '{name}'; available recipes: {', '.join(available_recipes(recipes_dir))} "
+        f"(or a path to a .yaml file)"
+    )
+
+
+def load_config(args: list[str], recipes_dir: Path = RECIPES_DIR) -> RunConfig:
+    """Build a validated :class:`RunConfig` from ``recipe=NAME scale=NAME key=value ...``.
+
+    Args:
+        args: command-line style items. ``recipe=`` names a file in ``recipes_dir`` (or a path to
+            a YAML file); ``scale=`` a file in ``recipes_dir/scale``; every other item is a dotted
+            key such as ``train.max_steps=100``.
+        recipes_dir: where recipes live (default: the repository's ``recipes/``).
+
+    Returns:
+        The merged, validated configuration as dataclasses.
+
+    Raises:
+        ConfigError: unknown recipe/scale/key, wrong type, or an impossible value.
+    """
+    recipe = None
+    scale = None
+    overrides: list[str] = []
+    for item in args:
+        if "=" not in item:
+            raise ConfigError(f"argument '{item}' is not of the form key=value (e.g. train.max_steps=100)")
+        key, value = item.split("=", 1)
+        if key == "recipe":
+            recipe = value
+        elif key == "scale":
+            scale = value
+        else:
+            overrides.append(item)
+    if recipe is None:
+        raise ConfigError(f"no recipe given; pass recipe=NAME, one of: {', '.join(available_recipes(recipes_dir))}")
+
+    schema = OmegaConf.structured(RunConfig)
+    path = _recipe_path(recipe, recipes_dir)
+    cfg = _merge(schema, _load_yaml(path, "recipe"), f"recipe {path.name}")
+    cfg.recipe = path.stem
+    scale = scale if scale is not None else cfg.scale
+    if scale:
+        spath = recipes_dir / "scale" / f"{scale}.yaml"
+        if not spath.exists():
+            raise ConfigError(f"unknown scale '{scale}'; available scales: {', '.join(available_scales(recipes_dir))}")
+        cfg = _merge(cfg, _load_yaml(spath, "scale"), f"scale {spath.name}")
+        cfg.scale = scale
+    try:
+        cli = OmegaConf.from_dotlist(overrides)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot parse overrides {overrides}: {e}") from e
+    cfg = _merge(cfg, cli, "command-line overrides")
+    run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(run)
+    return run
+
+
+def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"invalid {key}={value!r}: {allowed}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check values types cannot express; raise :class:`ConfigError` naming the key and allowed values."""
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _require(value in choices, key, value, f"allowed values are {', '.join(choices)}")
+    m, d, p, o, t = cfg.model, cfg.data, cfg.parallel, cfg.optim, cfg.train
+    for key, value in [
+        ("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model), ("model.n_layers", m.n_layers),
+        ("model.num_heads", m.num_heads), ("model.num_kv_heads", m.num_kv_heads), ("model.head_dim", m.head_dim),
+        ("model.gdn_num_heads", m.gdn_num_heads), ("model.gdn_head_dim", m.gdn_head_dim),
+        ("model.conv_size", m.conv_size), ("model.chunk_size", m.chunk_size), ("data.seq_len", d.seq_len),
+        ("train.max_steps", t.max_steps), ("train.global_batch_size", t.global_batch_size),
+        ("train.micro_batch_size", t.micro_batch_size), ("train.keep_last", t.keep_last),
+        ("train.log_every", t.log_every), ("parallel.cp_degree", p.cp_degree),
+        ("parallel.ulysses_degree", p.ulysses_degree), ("parallel.ep_degree", p.ep_degree),
+    ]:
+        _require(value >= 1, key, value, "must be a positive integer")
+    bad = sorted(set(m.layer_pattern) - set(LAYER_TYPES))
+    _require(
+        bool(m.layer_pattern) and not bad, "model.layer_pattern", m.layer_pattern,
+        "letters allowed: " + ", ".join(f"{k} ({v})" for k, v in LAYER_TYPES.items()),
+    )
+    _require(
+        m.n_layers % len(m.layer_pattern) == 0, "model.n_layers", m.n_layers,
+        f"must be a multiple of len(model.layer_pattern)={len(m.layer_pattern)} ('{m.layer_pattern}')",
+    )
+    _require(
+        m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads,
+        f"must divide model.num_heads={m.num_heads}",
+    )
+    _require(m.gdn_expand_v > 0 and float(m.gdn_head_dim * m.gdn_expand_v).is_integer(), "model.gdn_expand_v",
+             m.gdn_expand_v, "must be > 0 with gdn_head_dim * gdn_expand_v an integer")
+    _require(m.ffn_hidden_size >= 0, "model.ffn_hidden_size", m.ffn_hidden_size, "must be >= 0 (0 = 8/3 d_model)")
+    _require(0.0 <= d.val_fraction < 0.5, "data.val_fraction", d.val_fraction, "must be in [0, 0.5)")
+    _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    _require(0.0 < o.decay_fraction <= 1.0, "optim.decay_fraction", o.decay_fraction, "must be in (0, 1]")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _require(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
+    _require(
+        t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size", t.global_batch_size,
+        f"must be a multiple of train.micro_batch_size={t.micro_batch_size} (times the data-parallel degree)",
+    )
+    _require(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, "must be >= 0 (0 = only at the end)")
+    _require(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0 = only at the end)")
+    _require(p.dp_degree == -1 or p.dp_degree >= 1, "parallel.dp_degree", p.dp_degree, "must be -1 (auto) or >= 1")
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """Plain nested dict of a config (for logging and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML text (written to the run directory)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,165 @@
+"""Gated DeltaNet token mixer (Yang, Kautz, Hatamizadeh, "Gated Delta Networks", ICLR 2025).
+
+Per head ``h`` with key dim K and value dim V = K * expand_v (Fig. 1 and eq. 10 of the paper,
+parameterised as in flash-linear-attention's ``GatedDeltaNet``):
+
+    q = l2norm(silu(conv(x Wq)))          k = l2norm(silu(conv(x Wk)))      v = silu(conv(x Wv))
+    beta = sigmoid(x Wb)                  [H], write strength in (0, 1)
+    g = -exp(A_log) * softplus(x Wa + dt_bias)   [H], log decay (< 0), Mamba-2 style
+    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   o_t = S_t^T q_t / sqrt(K)
+    y = o_proj( rmsnorm(o) * w * silu(x Wgate) )     (norm over each head's V dims)
+
+``conv`` is the depthwise causal short convolution of :mod:`lctrain.layers.conv` (kernel
+``conv_size``), masked at document starts through ``position_ids``; the recurrence restarts at
+every ``cu_seqlens`` boundary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lctrain.kernels.gated_delta_rule import chunk_gated_delta_rule
+from lctrain.layers.conv import ShortConvolution
+from lctrain.layers.norm import GatedRMSNorm
+from lctrain.layers.rope import default_position_ids
+
+KERNEL_CHOICES = ("auto", "torch", "triton")
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``x / sqrt(sum(x^2, -1) + eps)`` over the last dim, in fp32, returned in ``x.dtype``."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class GatedDeltaNet(nn.Module):
+    """Gated DeltaNet layer: projections, short convs, gates, gated delta rule, gated norm, o_proj.
+
+    Args:
+        d_model: D, model width.
+        num_heads: H heads (``gdn_num_heads``).
+        head_dim: K, the query/key dim per head (``gdn_head_dim``).
+        expand_v: value dim per head is ``V = head_dim * expand_v`` (must be an integer).
+        conv_size: taps of the short convolutions on q, k, v.
+        chunk_size: chunk length of the chunked kernel (kept for when the kernel takes it; the
+            result does not depend on it).
+        norm_eps: eps of the gated output RMSNorm.
+        kernels: ``"auto"`` | ``"torch"`` | ``"triton"``; auto and torch call
+            ``lctrain.kernels.gated_delta_rule.chunk_gated_delta_rule``; triton raises
+            NotImplementedError until the Triton kernel is wired in.
+
+    Parameters: ``q_proj``/``k_proj [H*K, D]``, ``v_proj``/``g_proj [H*V, D]``, ``a_proj``/
+    ``b_proj [H, D]``, ``q_conv``/``k_conv``/``v_conv`` (depthwise, ``[C, conv_size]``),
+    ``A_log [H]``, ``dt_bias [H]`` (both flagged ``_no_weight_decay``), ``o_norm.weight [V]``,
+    ``o_proj [D, H*V]`` (the residual-branch output projection).
+
+    Init of the decay (:meth:`reset_decay_parameters`, as in Mamba-2 / fla):
+    ``A_log = log(U(1, 16))``; ``dt ~ exp(U(log 1e-3, log 1e-1))`` floored at 1e-4 and
+    ``dt_bias = softplus^{-1}(dt) = dt + log(-expm1(-dt))``.
+
+    ``forward(x [B,T,D], position_ids [B,T] int | None, cu_seqlens int32 [N+1] | None) -> [B,T,D]``;
+    ``g`` and ``beta`` are computed in fp32.
+
+    Raises:
+        ValueError: bad sizes or input shapes; NotImplementedError for ``kernels='triton'``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        head_dim: int,
+        expand_v: float = 1.0,
+        conv_size: int = 4,
+        chunk_size: int = 64,
+        norm_eps: float = 1e-6,
+        kernels: str = "auto",
+    ):
+        super().__init__()
+        if min(d_model, num_heads, head_dim, conv_size, chunk_size) < 1:
+            raise ValueError(
+                f"GatedDeltaNet needs positive sizes, got d_model={d_model} num_heads={num_heads} "
+                f"head_dim={head_dim} conv_size={conv_size} chunk_size={chunk_size}"
+            )
+        if expand_v <= 0 or not float(head_dim * expand_v).is_integer():
+            raise ValueError(f"head_dim * expand_v must be a positive integer, got {head_dim} * {expand_v}")
+        if kernels not in KERNEL_CHOICES:
+            raise ValueError(
+                f"kernels={kernels!r} for Gated DeltaNet; allowed values are {', '.join(KERNEL_CHOICES)}"
+            )
+        if kernels == "triton":
+            raise NotImplementedError(
+                "kernels='triton' is not wired into GatedDeltaNet yet; use kernels='auto' or 'torch' "
+                "(the chunked PyTorch path runs on CPU and CUDA)"
+            )
+        self.d_model, self.num_heads, self.head_dim = d_model, num_heads, head_dim
+        self.head_v_dim = int(head_dim * expand_v)
+        self.conv_size, self.chunk_size, self.kernels = conv_size, chunk_size, kernels
+        key_dim, value_dim = num_heads * head_dim, num_heads * self.head_v_dim
+        self.q_proj = nn.Linear(d_model, key_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, key_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, value_dim, bias=False)
+        self.q_conv = ShortConvolution(key_dim, conv_size, activation="silu")
+        self.k_conv = ShortConvolution(key_dim, conv_size, activation="silu")
+        self.v_conv = ShortConvolution(value_dim, conv_size, activation="silu")
+        self.a_proj = nn.Linear(d_model, num_heads, bias=False)
+        self.b_proj = nn.Linear(d_model, num_heads, bias=False)
+        self.A_log = nn.Parameter(torch.empty(num_heads))
+        self.dt_bias = nn.Parameter(torch.empty(num_heads))
+        self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
+        self.dt_bias._no_weight_decay = True  # type: ignore[attr-defined]
+        self.g_proj = nn.Linear(d_model, value_dim, bias=False)
+        self.o_norm = GatedRMSNorm(self.head_v_dim, eps=norm_eps)
+        self.o_proj = nn.Linear(value_dim, d_model, bias=False)
+        self.reset_decay_parameters()
+
+    @torch.no_grad()
+    def reset_decay_parameters(
+        self,
+        a_range: tuple[float, float] = (1.0, 16.0),
+        dt_range: tuple[float, float] = (1e-3, 1e-1),
+        dt_floor: float = 1e-4,
+    ) -> None:
+        """Mamba-2 decay init: ``A_log = log U(a_range)``, ``dt_bias = softplus^-1(log-uniform dt)``."""
+        self.A_log.copy_(torch.empty_like(self.A_log, dtype=torch.float32).uniform_(*a_range).log())
+        lo, hi = math.log(dt_range[0]), math.log(dt_range[1])
+        dt = torch.exp(torch.rand_like(self.dt_bias, dtype=torch.float32) * (hi - lo) + lo).clamp(
+            min=dt_floor
+        )
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 ``(g, beta)`` each [B, T, H] from x [B, T, D] (log decay and write strength)."""
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        beta = torch.sigmoid(self.b_proj(x).float())
+        return g, beta
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, D = x.shape
+        if D != self.d_model:
+            raise ValueError(f"GatedDeltaNet(d_model={self.d_model}) got x{tuple(x.shape)}")
+        if position_ids is None:
+            position_ids = default_position_ids(B, T, cu_seqlens, x.device)
+        H, K, V = self.num_heads, self.head_dim, self.head_v_dim
+        q = l2norm(self.q_conv(self.q_proj(x), position_ids).view(B, T, H, K))
+        k = l2norm(self.k_conv(self.k_proj(x), position_ids).view(B, T, H, K))
+        v = self.v_conv(self.v_proj(x), position_ids).view(B, T, H, V)
+        g, beta = self.gates(x)
+        o, _ = chunk_gated_delta_rule(q, k, v, g, beta, scale=K**-0.5, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size)
+        o = self.o_norm(o, self.g_proj(x).view(B, T, H, V))
+        return self.o_proj(o.reshape(B, T, H * V))
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_heads={self.num_heads}, head_dim={self.head_dim}, head_v_dim={self.head_v_dim}, "
+            f"conv_size={self.conv_size}, chunk_size={self.chunk_size}, kernels={self.kernels!r}"
+        )

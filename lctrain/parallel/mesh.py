@@ -1,0 +1,123 @@
+"""Process group start-up and the named device mesh (axes ``dp`` and ``cp``).
+
+One :class:`~torch.distributed.device_mesh.DeviceMesh` is built once from the recipe's
+``parallel`` section and passed down explicitly; layers never read global process-group state.
+Expert parallelism folds over the ``dp x cp`` ranks (Megatron's "parallel folding"), so it adds
+no mesh dimension of its own.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from lctrain.config import ConfigError, ParallelConfig
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process runs: ``rank``/``world_size`` over all processes, ``local_rank`` on its node."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None when running as a single process without a process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Degrees of each parallel axis; ``dp * cp == world_size``."""
+
+    dp: int
+    cp: int
+    ep: int
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.cp
+
+
+def resolve_dims(cfg: ParallelConfig, world_size: int) -> ParallelDims:
+    """Fill in ``dp_degree = -1`` and check the layout against the world size.
+
+    Raises:
+        ConfigError: when ``dp * cp`` does not equal the number of processes, or the expert
+            degree does not divide ``dp * cp``; the message names the keys to change.
+    """
+    cp = cfg.cp_degree
+    if world_size % cp != 0:
+        raise ConfigError(
+            f"parallel.cp_degree={cp} does not divide the world size {world_size}; "
+            f"launch a multiple of {cp} processes or change parallel.cp_degree"
+        )
+    dp = world_size // cp if cfg.dp_degree == -1 else cfg.dp_degree
+    if dp * cp != world_size:
+        raise ConfigError(
+            f"mesh does not match the world size: parallel.dp_degree={dp} x parallel.cp_degree={cp} = {dp * cp} "
+            f"but {world_size} processes were launched; set parallel.dp_degree=-1 (auto) or "
+            f"launch {dp * cp} processes (torchrun --nproc_per_node={dp * cp})"
+        )
+    if cfg.ep_degree > 1 and (dp * cp) % cfg.ep_degree != 0:
+        raise ConfigError(
+            f"parallel.ep_degree={cfg.ep_degree} must divide dp x cp = {dp * cp} (experts fold over those ranks)"
+        )
+    return ParallelDims(dp=dp, cp=cp, ep=cfg.ep_degree)
+
+
+def init_distributed(cfg: ParallelConfig, timeout_s: float = 600.0) -> DistEnv:
+    """Join the process group started by torchrun (or Ray), or run as one process.
+
+    Reads the launcher's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (set by torchrun). The backend is
+    NCCL on CUDA and gloo on CPU unless ``parallel.backend`` names one.
+
+    Raises:
+        ConfigError: ``parallel.backend=nccl`` without CUDA.
+    """
+    use_cuda = torch.cuda.is_available()
+    backend = cfg.backend
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    if backend == "nccl" and not use_cuda:
+        raise ConfigError("parallel.backend=nccl needs CUDA devices; use parallel.backend=gloo (or auto) on CPU")
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
+    elif "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) >= 1 and "MASTER_ADDR" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    else:
+        return DistEnv(0, 1, 0, torch.device("cuda", 0) if use_cuda else torch.device("cpu"), None)
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return DistEnv(rank, world, local_rank, device, dist.get_backend())
+
+
+def build_mesh(dims: ParallelDims, env: DistEnv) -> DeviceMesh | None:
+    """A 2-D mesh with named axes ``("dp", "cp")``; None for a single process without a group."""
+    if env.backend is None:
+        return None
+    return init_device_mesh(env.device.type, (dims.dp, dims.cp), mesh_dim_names=("dp", "cp"))
+
+
+def barrier() -> None:
+    """Barrier when a process group exists; no-op otherwise."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def destroy() -> None:
+    """Tear down the process group if this process started one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,48 @@
+"""Shared fixtures: a small real-text corpus cut from the built-in one, and tiny-run overrides."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BUILTIN = REPO / "lctrain" / "data" / "builtin" / "pd_english.jsonl.gz"
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for gloo rendezvous in spawned tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """12 documents of the built-in corpus cut to 6-30 K characters each (jsonl)."""
+    out = tmp_path_factory.mktemp("corpus") / "small.jsonl"
+    with gzip.open(BUILTIN, "rt", encoding="utf-8") as f:
+        docs = [json.loads(line) for _, line in zip(range(40), f)]
+    rows = []
+    for i, d in enumerate(docs[::3][:12]):
+        n = 6000 + 2000 * i
+        rows.append({"title": d["title"], "text": d["text"][:n]})
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return out
+
+
+def tiny_overrides(out_dir: Path, corpus: Path, cache_dir: Path, **extra) -> list[str]:
+    """Overrides for a seconds-long hybrid run on ``corpus`` (4 layers GGGA, d_model 64)."""
+    items = {
+        "model.vocab_size": 512, "model.d_model": 64, "model.n_layers": 4, "model.num_heads": 2,
+        "model.num_kv_heads": 1, "model.head_dim": 32, "model.gdn_num_heads": 2, "model.gdn_head_dim": 32,
+        "data.path": str(corpus), "data.seq_len": 64, "data.cache_dir": str(cache_dir), "data.val_fraction": 0.1,
+        "train.out_dir": str(out_dir), "train.max_steps": 4, "train.global_batch_size": 8,
+        "train.micro_batch_size": 2, "train.checkpoint_every": 2, "train.eval_every": 2, "train.eval_batches": 1,
+        "train.progress": False, "train.tensorboard": False, "optim.warmup_steps": 2, "optim.lr": 3e-3,
+    }
+    items.update(extra)
+    return ["recipe=hybrid_gdn_3to1"] + [f"{k}={v}" for k, v in items.items()]
