@@ -1,0 +1,129 @@
+"""Data pipeline: corpus -> document split -> tokenizer -> packed token streams -> windows.
+
+``build_data`` ties the pieces together for the trainer::
+
+    tokenizer, train_ds, val_ds = build_data(cfg.data, cfg.data.seq_len, cfg.model.vocab_size, cache_dir)
+    sampler = DistributedBatchSampler(len(train_ds), gbs, mbs, dp_rank, dp_size, seed=cfg.data.seed)
+    for micro in next_micro_batches(train_ds, sampler):   # one optimizer step
+        ...  # micro["input_ids"]: int64 [1, mbs * seq_len], micro["cu_seqlens"]: int32 [N+1]
+
+Modules: :mod:`~lctrain.data.corpus` (loading, split), :mod:`~lctrain.data.tokenizer`
+(SentencePiece BPE), :mod:`~lctrain.data.packing` (EOS-joined stream, windows, ``cu_seqlens``),
+:mod:`~lctrain.data.sampler` (deterministic data-parallel global batches).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lctrain.data.corpus import default_cache_dir, load_documents, split_documents
+from lctrain.data.packing import IGNORE_INDEX, PackedDataset, collate_packed, load_or_pack, stream_dtype
+from lctrain.data.sampler import DistributedBatchSampler
+from lctrain.data.tokenizer import Tokenizer, check_vocab, load_tokenizer, train_tokenizer
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DistributedBatchSampler",
+    "PackedDataset",
+    "Tokenizer",
+    "build_data",
+    "check_vocab",
+    "collate_packed",
+    "default_cache_dir",
+    "load_documents",
+    "load_tokenizer",
+    "next_micro_batches",
+    "split_documents",
+    "train_tokenizer",
+]
+
+log = logging.getLogger(__name__)
+
+
+def build_data(
+    data_cfg: Any,
+    seq_len: int,
+    vocab_size: int,
+    cache_dir: str | Path | None = None,
+    rank: int = 0,
+) -> tuple[Tokenizer, PackedDataset, PackedDataset]:
+    """Load the corpus, split it, get the tokenizer and the packed train / validation datasets.
+
+    Steps: :func:`load_documents` (``data_cfg.path``, ``text_key``, ``split``) ->
+    :func:`split_documents` (``val_fraction``, ``seed``) -> :func:`load_tokenizer` (trained on the
+    training documents only when ``data_cfg.tokenizer == 'auto'``) -> :func:`check_vocab` ->
+    token streams cached as ``.npy`` -> :class:`PackedDataset` windows of ``seq_len``.
+    Everything derived is cached in ``cache_dir`` keyed by content, so a second call (any rank,
+    any run on the same corpus) only reads caches. Built-in corpus, vocab 4096, 2 CPU cores: the
+    first call takes 8-13 s (Arrow conversion, tokenizer training about 3 s, encoding about 6 s),
+    a later call in a new process about 1.4 s, of which about 1 s is importing ``datasets``.
+
+    Distributed runs should call this on rank 0 first and on the other ranks after a barrier;
+    caches are written atomically, so ranks that do race only repeat work, never read partial files.
+
+    Args:
+        data_cfg: a :class:`lctrain.config.DataConfig` (``path``, ``text_key``, ``split``,
+            ``val_fraction``, ``tokenizer``, ``cache_dir``, ``seed``).
+        seq_len: tokens per sample (usually ``data_cfg.seq_len``).
+        vocab_size: ``model.vocab_size``: the vocabulary requested for an ``'auto'`` tokenizer
+            and the bound checked by :func:`check_vocab`.
+        cache_dir: data cache; ``None``/empty falls back to ``data_cfg.cache_dir``, then to
+            :func:`default_cache_dir`.
+        rank: global rank, used only to log from rank 0.
+
+    Returns:
+        ``(tokenizer, train_dataset, val_dataset)``. ``val_dataset`` always exists but is empty
+        (``len == 0``, check before evaluating) when ``data_cfg.val_fraction == 0``, the corpus has
+        a single document, or the validation documents are shorter than one window (a warning
+        is logged in that case).
+
+    Raises:
+        FileNotFoundError, ValueError: from the steps above (bad path, empty corpus, missing
+            text key, vocab mismatch), or a training split too short for one window of ``seq_len``.
+    """
+    t0 = time.perf_counter()
+    cache = Path(cache_dir or getattr(data_cfg, "cache_dir", "") or default_cache_dir())
+    docs = load_documents(data_cfg.path, data_cfg.text_key, data_cfg.split, cache_dir=cache)
+    train_docs, val_docs = split_documents(docs, data_cfg.val_fraction, data_cfg.seed)
+    tokenizer = load_tokenizer(data_cfg.tokenizer, train_docs, vocab_size, cache)
+    check_vocab(tokenizer, vocab_size)
+
+    train_tokens = load_or_pack(train_docs, tokenizer, cache, "train")
+    train_ds = PackedDataset(train_tokens, tokenizer.eos_id, seq_len)
+    if len(train_ds) == 0:
+        raise ValueError(
+            f"the training split of '{data_cfg.path}' has {len(train_tokens)} tokens, fewer than one window of "
+            f"data.seq_len={seq_len} (+1); lower data.seq_len or use a larger corpus"
+        )
+    if val_docs:
+        val_tokens = load_or_pack(val_docs, tokenizer, cache, "val")
+    else:
+        val_tokens = np.zeros(0, dtype=stream_dtype(tokenizer.vocab_size))
+    val_ds = PackedDataset(val_tokens, tokenizer.eos_id, seq_len)
+    if val_docs and len(val_ds) == 0 and rank == 0:
+        log.warning(
+            "data: the validation split (%d docs, %d tokens) is shorter than one window of data.seq_len=%d; "
+            "validation is skipped. Raise data.val_fraction or lower data.seq_len.",
+            len(val_docs), len(val_tokens), seq_len,
+        )
+    if rank == 0:
+        log.info(
+            "data: %d train docs (%d tokens, %d windows of %d), %d val docs (%d windows), vocab %d, %.1fs",
+            len(train_docs), train_ds.num_tokens, len(train_ds), seq_len, len(val_docs),
+            len(val_ds), tokenizer.vocab_size, time.perf_counter() - t0,
+        )
+    return tokenizer, train_ds, val_ds
+
+
+def next_micro_batches(dataset: PackedDataset, sampler: DistributedBatchSampler) -> list[dict]:
+    """Advance ``sampler`` by one optimizer step and return this rank's collated micro-batches.
+
+    Returns:
+        ``sampler.grad_accum_steps`` dicts from :func:`collate_packed` (each ``[1, mbs * seq_len]``).
+    """
+    return [collate_packed([dataset[i] for i in micro]) for micro in sampler.next_global_batch()]

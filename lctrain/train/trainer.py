@@ -1,0 +1,352 @@
+"""The training loop: data -> model -> loss -> AdamW, with data parallelism, checkpoints, metrics.
+
+Loss normalisation. Each optimizer step consumes ``train.global_batch_size`` sequences split
+over ``dp`` ranks and ``global_batch_size / (micro_batch_size * dp)`` accumulation micro-steps.
+The step's loss is the mean next-token cross entropy over every labelled token of the global
+batch: each micro-batch contributes ``sum(CE) / global_tokens``, with ``global_tokens`` counted
+over all ranks before the forward passes. DDP/FSDP average gradients over ``dp``, so each rank's
+loss is multiplied by ``dp``. The result is the same optimisation at any world size, which the
+distributed tests check against a single process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from lctrain.config import ConfigError, RunConfig, to_dict, to_yaml
+from lctrain.data import build_data, collate_packed
+from lctrain.data.sampler import DistributedBatchSampler
+from lctrain.data.tokenizer import check_vocab
+from lctrain.models import HybridLM
+from lctrain.parallel.data_parallel import apply_data_parallel, no_grad_sync, unwrap
+from lctrain.parallel.mesh import DistEnv, barrier, build_mesh, init_distributed, resolve_dims
+from lctrain.train.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from lctrain.train.metrics import MetricsLogger, mfu, write_summary
+from lctrain.train.optim import build_optimizer
+from lctrain.train.schedule import build_scheduler
+
+IGNORE_INDEX = -100
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN/Inf (``train.nan_policy=stop``)."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) with ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainState:
+    """What the loop carries between steps and through checkpoints."""
+
+    step: int = 0
+    tokens: int = 0
+    losses: list[float] = field(default_factory=list)
+    val_history: list[list[float]] = field(default_factory=list)  # [step, val_loss]
+    skipped_steps: list[int] = field(default_factory=list)
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+class Trainer:
+    """Runs one recipe: builds mesh, data, model and optimizer, then trains and checkpoints.
+
+    Args:
+        cfg: a validated :class:`~lctrain.config.RunConfig`.
+
+    Raises:
+        ConfigError: the mesh does not match the world size, or the layout is impossible.
+        ValueError: data problems (missing corpus, tokenizer/vocab mismatch).
+        NonFiniteLossError: the loss became NaN/Inf and ``train.nan_policy=stop``.
+    """
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        t, p = cfg.train, cfg.parallel
+        self.env: DistEnv = init_distributed(p)
+        self.dims = resolve_dims(p, self.env.world_size)
+        if self.dims.cp > 1:
+            raise ConfigError("parallel.cp_degree > 1: context parallelism is not available in this build yet")
+        if self.dims.ep > 1:
+            raise ConfigError("parallel.ep_degree > 1: expert parallelism is not available in this build yet")
+        dp = self.dims.dp
+        if t.global_batch_size % (t.micro_batch_size * dp) != 0:
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} must be a multiple of train.micro_batch_size="
+                f"{t.micro_batch_size} x data-parallel degree {dp} = {t.micro_batch_size * dp}"
+            )
+        self.mesh = build_mesh(self.dims, self.env)
+        self.dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+        self.device = self.env.device
+        self.out_dir = Path(t.out_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        if self.env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
+        seed_everything(t.seed)
+
+        # Data: rank 0 builds tokenizer and token caches first, the others then read them.
+        cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out_dir.parent / ".cache" / "data"
+        if not self.env.is_main:
+            barrier()
+        self.tokenizer, self.train_set, self.val_set = build_data(
+            cfg.data, cfg.data.seq_len, cfg.model.vocab_size, cache_dir, rank=self.env.rank
+        )
+        if self.env.is_main:
+            barrier()
+        check_vocab(self.tokenizer, cfg.model.vocab_size)
+
+        seed_everything(t.seed)  # model init independent of how much randomness data prep used
+        model = HybridLM(cfg.model).to(self.device)
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
+        self.model = apply_data_parallel(model, self.mesh, p.dp_impl, self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
+        self.sampler = DistributedBatchSampler(
+            len(self.train_set), t.global_batch_size, t.micro_batch_size, self.dp_rank, dp, seed=t.seed
+        )
+        self.state = TrainState()
+        use_bf16 = t.dtype == "bf16" or (t.dtype == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
+        self._maybe_resume()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _maybe_resume(self) -> None:
+        resume = self.cfg.train.resume
+        if resume == "none":
+            return
+        path = find_latest_checkpoint(self.ckpt_root) if resume == "auto" else Path(resume)
+        if path is None:
+            return
+        extra = load_checkpoint(path, self.model, self.optimizer)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.sampler.load_state_dict(extra["sampler"])
+        s = extra["train_state"]
+        self.state = TrainState(
+            step=s["step"], tokens=s["tokens"], losses=list(s["losses"]),
+            val_history=[list(x) for x in s["val_history"]], skipped_steps=list(s.get("skipped_steps", [])),
+        )
+        if self.env.is_main:
+            print(f"[lctrain] resumed from {path} at step {self.state.step}", flush=True)
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current step (atomic; keeps the last ``train.keep_last``)."""
+        extra = {
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "train_state": {
+                "step": self.state.step, "tokens": self.state.tokens, "losses": self.state.losses,
+                "val_history": self.state.val_history, "skipped_steps": self.state.skipped_steps,
+            },
+            "config": to_dict(self.cfg),
+            "world_size": self.env.world_size,
+        }
+        return save_checkpoint(
+            self.ckpt_root, self.state.step, self.model, self.optimizer, extra, self.cfg.train.keep_last
+        )
+
+    # ------------------------------------------------------------------ compute
+    def _to_device(self, batch: dict) -> dict:
+        return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def forward_loss_sum(self, batch: dict) -> torch.Tensor:
+        """Summed next-token cross entropy (fp32 scalar) over the labelled tokens of one packed micro-batch."""
+        ctx = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else torch.autocast(self.device.type, enabled=False)
+        )
+        with ctx:
+            logits = self.model(batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"])
+        return F.cross_entropy(
+            logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+
+    def next_micro_batches(self) -> list[dict]:
+        """This rank's packed micro-batches for the next optimizer step (advances the sampler)."""
+        return [self._to_device(collate_packed([self.train_set[i] for i in mb])) for mb in self.sampler.next_global_batch()]
+
+    def forward_backward(self, micro: list[dict]) -> float:
+        """Accumulate gradients of the global-batch mean loss over ``micro``; returns that mean loss.
+
+        Each micro-batch's summed loss is scaled by ``dp / global_tokens`` so that the gradient
+        average DDP/FSDP take over ``dp`` ranks equals the gradient of the mean over all labelled
+        tokens of the global batch, whatever the world size.
+        """
+        local_tokens = float(sum(int(b["num_tokens"]) for b in micro))
+        (global_tokens,) = _all_reduce_sum([local_tokens], self.device)
+        global_tokens = max(global_tokens, 1.0)
+        self.model.train()
+        loss_sum = 0.0
+        for i, batch in enumerate(micro):
+            with no_grad_sync(self.model, enabled=i < len(micro) - 1):
+                ls = self.forward_loss_sum(batch)
+                (ls * (self.dims.dp / global_tokens)).backward()
+            loss_sum += float(ls.detach())
+        (total,) = _all_reduce_sum([loss_sum], self.device)
+        return total / global_tokens
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over a global batch; returns ``(loss, grad_norm)`` (global means).
+
+        A non-finite loss leaves parameters, optimizer and scheduler untouched and returns NaN
+        as the gradient norm; the caller stops or skips per ``train.nan_policy``.
+        """
+        loss = self.forward_backward(self.next_micro_batches())
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss, float("nan")
+        clip = self.cfg.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss on the first ``eval_batches * micro_batch_size * dp`` validation windows."""
+        t = self.cfg.train
+        n = min(len(self.val_set), t.eval_batches * t.micro_batch_size * self.dims.dp)
+        mine = list(range(self.dp_rank, n, self.dims.dp))
+        self.model.eval()
+        loss_sum, count = 0.0, 0.0
+        for s in range(0, len(mine), t.micro_batch_size):
+            batch = self._to_device(collate_packed([self.val_set[i] for i in mine[s : s + t.micro_batch_size]]))
+            loss_sum += float(self.forward_loss_sum(batch))
+            count += float(batch["num_tokens"])
+        total, total_count = _all_reduce_sum([loss_sum, count], self.device)
+        self.model.train()
+        return total / max(total_count, 1.0)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict:
+        """Train to ``train.max_steps``; returns the summary written to ``summary.json``."""
+        t = self.cfg.train
+        logger = MetricsLogger(
+            self.out_dir, self.env.rank, t.tensorboard, t.progress, t.max_steps, self.tokens_per_step,
+            initial_step=self.state.step,
+        )
+        start_time = time.perf_counter()
+        run_tokens, run_time = 0, 0.0
+        last_ckpt: Path | None = find_latest_checkpoint(self.ckpt_root)
+        try:
+            if self.state.step == 0 and len(self.val_set) > 0:
+                val = self.evaluate()
+                self.state.val_history.append([0, val])
+                logger.log_eval(0, {"val/loss": val, "val/ppl": math.exp(min(val, 50.0))})
+            while self.state.step < t.max_steps:
+                step = self.state.step + 1
+                t0 = time.perf_counter()
+                loss, grad_norm = self.train_step()
+                dt = time.perf_counter() - t0
+                if not math.isfinite(loss):
+                    if t.nan_policy == "skip":
+                        self.state.skipped_steps.append(step)
+                        self.state.step = step
+                        self.state.losses.append(loss)
+                        self.scheduler.step()
+                        if self.env.is_main:
+                            print(f"[lctrain] step {step}: non-finite loss {loss}, step skipped", flush=True)
+                        continue
+                    raise NonFiniteLossError(
+                        f"non-finite training loss ({loss}) at step {step}; stopping. The last good checkpoint is "
+                        f"{last_ckpt if last_ckpt else '(none written yet)'}; resume with train.resume=auto, lower "
+                        f"optim.lr, or set train.nan_policy=skip to skip such steps"
+                    )
+                self.state.step = step
+                self.state.tokens += self.tokens_per_step
+                self.state.losses.append(loss)
+                run_tokens += self.tokens_per_step
+                run_time += dt
+                tps = self.tokens_per_step / dt
+                metrics = {"train/loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                           "tokens_per_s": tps}
+                util = mfu(self.flops_per_token, tps / self.env.world_size, self.device)
+                if util is not None:
+                    metrics["mfu"] = util
+                if step % t.log_every == 0 or step == t.max_steps:
+                    logger.log_step(step, metrics)
+                if t.eval_every and step % t.eval_every == 0 and step != t.max_steps and len(self.val_set) > 0:
+                    val = self.evaluate()
+                    self.state.val_history.append([step, val])
+                    logger.log_eval(step, {"val/loss": val, "val/ppl": math.exp(min(val, 50.0))})
+                if t.checkpoint_every and step % t.checkpoint_every == 0 and step != t.max_steps:
+                    last_ckpt = self.save()
+            if len(self.val_set) > 0 and (not self.state.val_history or self.state.val_history[-1][0] != t.max_steps):
+                val = self.evaluate()
+                self.state.val_history.append([self.state.step, val])
+                logger.log_eval(self.state.step, {"val/loss": val, "val/ppl": math.exp(min(val, 50.0))})
+            if t.checkpoint_every >= 0:
+                last_ckpt = self.save()
+        finally:
+            logger.close()
+        summary = self._summary(run_tokens, run_time, time.perf_counter() - start_time)
+        if self.env.is_main:
+            write_summary(self.out_dir, summary)
+            v0, v1 = summary["initial_val_loss"], summary["final_val_loss"]
+            print(
+                f"[lctrain] done: {summary['steps']} steps, {summary['tokens_per_s']:.0f} tokens/s, "
+                f"train loss {summary['final_train_loss']:.4f}, val ppl "
+                f"{math.exp(v0) if v0 is not None else float('nan'):.1f} -> "
+                f"{math.exp(v1) if v1 is not None else float('nan'):.1f}; summary: {self.out_dir / 'summary.json'}",
+                flush=True,
+            )
+        return summary
+
+    def _summary(self, run_tokens: int, run_time: float, wall: float) -> dict:
+        vh = self.state.val_history
+        finite = [x for x in self.state.losses if math.isfinite(x)]
+        return {
+            "recipe": self.cfg.recipe,
+            "scale": self.cfg.scale,
+            "steps": self.state.step,
+            "tokens": self.state.tokens,
+            "final_train_loss": finite[-1] if finite else None,
+            "initial_val_loss": vh[0][1] if vh else None,
+            "final_val_loss": vh[-1][1] if vh else None,
+            "final_val_ppl": math.exp(vh[-1][1]) if vh else None,
+            "val_history": vh,
+            "tokens_per_s": run_tokens / run_time if run_time > 0 else 0.0,
+            "wall_time_s": wall,
+            "losses": self.state.losses,
+            "skipped_steps": self.state.skipped_steps,
+            "world_size": self.env.world_size,
+            "dp_degree": self.dims.dp,
+            "cp_degree": self.dims.cp,
+            "num_params": self.num_params,
+            "device": str(self.device),
+        }
+
+
+def train(cfg: RunConfig) -> dict:
+    """Build a :class:`Trainer` for ``cfg`` and run it; returns the run summary."""
+    return Trainer(cfg).fit()
+
+
+def summary_of(out_dir: str | os.PathLike) -> dict:
+    """Read ``summary.json`` of a finished run."""
+    return json.loads((Path(out_dir) / "summary.json").read_text())
