@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from lctrain.config import ConfigError, load_config  # noqa: E402
+from lctrain.config import ConfigError, load_config
 
 
 def main(argv: list[str]) -> int:

@@ -30,8 +30,41 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-experts FFN (``lctrain.layers.moe.MoE``); ``num_experts = 0`` keeps every FFN dense.
+
+    ``score_func``: ``softmax`` (over all experts) or ``sigmoid`` (per expert, DeepSeek-V3).
+    ``norm_topk_prob``: renormalise the ``top_k`` selected scores to sum to 1 (Mixtral/Qwen-MoE
+    "top-k then renormalise"); false keeps the raw scores ("softmax then top-k", Switch/GShard).
+    ``ffn_hidden_size``: per-expert SwiGLU width (0: ``model.ffn_hidden_size`` default / ``top_k``,
+    rounded up to a multiple of 64). ``num_shared_experts`` always-on experts of the same width.
+    ``aux_loss_coeff``: Switch load-balancing loss; ``z_loss_coeff``: ST-MoE router z-loss;
+    ``bias_update_rate``: DeepSeek-V3 aux-loss-free balancing (0 = off). ``capacity_factor``: 0 =
+    dropless, else each expert takes ``ceil(capacity_factor * tokens * top_k / num_experts)`` slots.
+    ``layers``: which blocks get an MoE FFN: ``all``, ``every_other`` (blocks 1, 3, ...),
+    ``every_<n>`` (blocks n-1, 2n-1, ...) or a comma list of block indices (``"0,2"``).
+    ``expert_impl``: ``auto`` (torch ``_grouped_mm`` where supported, else Triton on CUDA, else
+    ``loop``), ``grouped``, ``loop`` (sorted-segment loop) or ``triton`` (lctrain.kernels.moe).
+    """
+
+    num_experts: int = 0
+    top_k: int = 2
+    score_func: str = "softmax"
+    norm_topk_prob: bool = True
+    ffn_hidden_size: int = 0
+    num_shared_experts: int = 0
+    aux_loss_coeff: float = 0.01
+    z_loss_coeff: float = 0.001
+    bias_update_rate: float = 0.0
+    capacity_factor: float = 0.0
+    layers: str = "all"
+    expert_impl: str = "auto"
+
+
+@dataclass
 class ModelConfig:
-    """Model shape. ``layer_pattern`` letters: ``G`` Gated DeltaNet, ``A`` full softmax attention.
+    """Model shape. ``layer_pattern`` letters: ``G`` Gated DeltaNet, ``A`` full softmax attention,
+    ``L`` Lightning Attention (uses ``num_heads`` x ``head_dim``, no KV grouping).
 
     The pattern is tiled to ``n_layers`` (``GGGA`` with 8 layers -> ``GGGAGGGA``); ``n_layers``
     must be a multiple of the pattern length.
@@ -61,6 +94,7 @@ class ModelConfig:
     # compute path of the kernels: auto picks Triton on CUDA and torch elsewhere
     kernels: str = "auto"
     activation_checkpointing: bool = False
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 @dataclass
@@ -165,9 +199,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.fused": ("auto", "true", "false"),
     "train.dtype": ("auto", "fp32", "bf16"),
     "train.nan_policy": ("stop", "skip"),
+    "model.moe.score_func": ("softmax", "sigmoid"),
+    "model.moe.expert_impl": ("auto", "grouped", "loop", "triton"),
 }
 
-LAYER_TYPES = {"G": "Gated DeltaNet", "A": "softmax attention"}
+LAYER_TYPES = {"G": "Gated DeltaNet", "A": "softmax attention", "L": "Lightning Attention"}
 
 
 def available_recipes(recipes_dir: Path = RECIPES_DIR) -> list[str]:
@@ -193,8 +229,9 @@ def _flat_keys(obj: Any, prefix: str = "") -> list[str]:
 
 
 def _section_keys(section: str) -> list[str]:
-    default = RunConfig()
-    obj = getattr(default, section, None) if section else default
+    obj: Any = RunConfig()
+    for part in section.split(".") if section else []:  # nested sections such as model.moe
+        obj = getattr(obj, part, None)
     if obj is None or not dataclasses.is_dataclass(obj):
         return [f.name for f in dataclasses.fields(RunConfig)]
     return [f.name for f in dataclasses.fields(obj)]
@@ -298,8 +335,11 @@ def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
 def validate(cfg: RunConfig) -> None:
     """Check values types cannot express; raise :class:`ConfigError` naming the key and allowed values."""
     for key, choices in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        *path, name = key.split(".")
+        obj = cfg
+        for part in path:
+            obj = getattr(obj, part)
+        value = getattr(obj, name)
         _require(value in choices, key, value, f"allowed values are {', '.join(choices)}")
     m, d, p, o, t = cfg.model, cfg.data, cfg.parallel, cfg.optim, cfg.train
     for key, value in [
@@ -342,6 +382,67 @@ def validate(cfg: RunConfig) -> None:
     _require(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, "must be >= 0 (0 = only at the end)")
     _require(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0 = only at the end)")
     _require(p.dp_degree == -1 or p.dp_degree >= 1, "parallel.dp_degree", p.dp_degree, "must be -1 (auto) or >= 1")
+    if p.cp_degree > 1 or p.ulysses_degree > 1:  # zigzag chunks, Ulysses head split, conv halo
+        from lctrain.parallel.context.handle import check_cp_layout
+
+        check_cp_layout(
+            p.cp_degree, p.cp_impl, p.ulysses_degree, d.seq_len,
+            m.num_heads if "A" in m.layer_pattern else None, m.num_kv_heads, m.conv_size,
+        )
+    _validate_moe(m)
+    if p.ep_degree > 1:
+        _require(m.moe.num_experts > 0, "parallel.ep_degree", p.ep_degree,
+                 "expert parallelism needs an MoE model: set model.moe.num_experts > 0 or parallel.ep_degree=1")
+        _require(m.moe.num_experts % p.ep_degree == 0, "parallel.ep_degree", p.ep_degree,
+                 f"must divide model.moe.num_experts={m.moe.num_experts} (each EP rank holds num_experts / "
+                 f"ep_degree experts); pick ep_degree among "
+                 f"{[d for d in range(1, m.moe.num_experts + 1) if m.moe.num_experts % d == 0]}")
+
+
+def _validate_moe(m: ModelConfig) -> None:
+    e = m.moe
+    _require(e.num_experts >= 0, "model.moe.num_experts", e.num_experts, "must be >= 0 (0 = dense FFN everywhere)")
+    if e.num_experts == 0:
+        return
+    _require(1 <= e.top_k <= e.num_experts, "model.moe.top_k", e.top_k,
+             f"must be in [1, model.moe.num_experts={e.num_experts}]")
+    _require(e.ffn_hidden_size >= 0, "model.moe.ffn_hidden_size", e.ffn_hidden_size, "must be >= 0 (0 = default)")
+    _require(e.num_shared_experts >= 0, "model.moe.num_shared_experts", e.num_shared_experts, "must be >= 0")
+    for key, value in (("aux_loss_coeff", e.aux_loss_coeff), ("z_loss_coeff", e.z_loss_coeff),
+                       ("bias_update_rate", e.bias_update_rate)):
+        _require(value >= 0, f"model.moe.{key}", value, "must be >= 0 (0 disables it)")
+    _require(e.capacity_factor == 0 or e.capacity_factor > 0, "model.moe.capacity_factor", e.capacity_factor,
+             "must be 0 (dropless) or > 0")
+    try:
+        moe_layer_indices(e.layers, m.n_layers)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def moe_layer_indices(layers: str, n_layers: int) -> list[int]:
+    """Block indices that get an MoE FFN for ``model.moe.layers`` (see :class:`MoEConfig`).
+
+    Raises:
+        ValueError: an unknown form or an index outside ``[0, n_layers)``; the message names the forms.
+    """
+    spec = str(layers).strip().replace(" ", "")
+    allowed = "allowed: all, every_other, every_<n> (n >= 1), or a comma list of block indices like \"0,2\""
+    if spec == "all":
+        return list(range(n_layers))
+    if spec == "every_other":
+        spec = "every_2"
+    if spec.startswith("every_"):
+        n = spec[len("every_"):]
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"invalid model.moe.layers={layers!r}: {allowed}")
+        return [i for i in range(n_layers) if i % int(n) == int(n) - 1]
+    parts = [x for x in spec.split(",") if x]
+    if not parts or not all(x.isdigit() for x in parts):
+        raise ValueError(f"invalid model.moe.layers={layers!r}: {allowed}")
+    idx = sorted({int(x) for x in parts})
+    if idx[-1] >= n_layers:
+        raise ValueError(f"invalid model.moe.layers={layers!r}: block index {idx[-1]} >= model.n_layers={n_layers}")
+    return idx
 
 
 def to_dict(cfg: RunConfig) -> dict:

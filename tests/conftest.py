@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import socket
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton kernels run under the interpreter on machines without a GPU. The variable must be set
+# before triton is first imported, so it is set here, ahead of every test module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 BUILTIN = REPO / "lctrain" / "data" / "builtin" / "pd_english.jsonl.gz"

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 
 import torch
@@ -25,15 +26,27 @@ from lctrain.layers.rope import RotaryEmbedding, default_position_ids
 KERNEL_CHOICES = ("auto", "torch", "triton")
 
 
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _check_kernels(kernels: str, what: str) -> str:
+    """Validate a ``kernels`` choice; return it. ``triton`` needs the triton package."""
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"kernels={kernels!r} for {what}; allowed values are {', '.join(KERNEL_CHOICES)}")
-    if kernels == "triton":
-        raise NotImplementedError(
-            f"kernels='triton' is not wired into {what} yet; use kernels='auto' or 'torch' "
-            f"(the PyTorch path runs on CPU and CUDA)"
+    if kernels == "triton" and not _triton_available():
+        raise ImportError(
+            f"kernels='triton' for {what} needs the triton package (pip install triton); "
+            f"use kernels='auto' or 'torch' (the PyTorch path runs on CPU and CUDA)"
         )
-    return "torch"
+    return kernels
+
+
+def use_triton(kernels: str, x: torch.Tensor) -> bool:
+    """Whether ``kernels`` picks the Triton path for tensors like ``x``: always for ``"triton"``
+    (on CPU that needs ``TRITON_INTERPRET=1``), for ``"auto"`` when ``x`` is on CUDA and triton is
+    installed, never for ``"torch"``."""
+    return kernels == "triton" or (kernels == "auto" and x.is_cuda and _triton_available())
 
 
 def softmax_attention(
@@ -43,8 +56,12 @@ def softmax_attention(
     cu_seqlens: torch.Tensor | None = None,
     scale: float | None = None,
     causal: bool = True,
+    kernels: str = "torch",
 ) -> torch.Tensor:
     """Scaled dot-product attention in the ``[B, T, H, Dh]`` layout, GQA and packed documents.
+
+    Triton path (``use_triton(kernels, q)``): :func:`lctrain.kernels.flash_attn.flash_attn_func`,
+    or ``flash_attn_varlen_func`` on ``q[0]`` when ``cu_seqlens`` is given (FlashAttention-2).
 
     PyTorch path: ``F.scaled_dot_product_attention`` once for the batch, or once per document
     when ``cu_seqlens`` is given (a host loop over ``cu_seqlens``; it costs one device sync and
@@ -56,6 +73,7 @@ def softmax_attention(
         cu_seqlens: int32 [N + 1] document boundaries of a packed batch (requires B == 1).
         scale: logit scale; default ``Dh ** -0.5``.
         causal: mask keys after the query (within each document).
+        kernels: ``"torch"`` (SDPA), ``"triton"`` (flash kernel) or ``"auto"`` (triton on CUDA).
 
     Returns:
         [B, T, Hq, Dh] in ``q.dtype``.
@@ -70,6 +88,20 @@ def softmax_attention(
             f"expected q [B,T,Hq,Dh], k and v [B,T,Hkv,Dh] with Hq % Hkv == 0; "
             f"got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}"
         )
+    if use_triton(kernels, q):
+        from lctrain.kernels.flash_attn import flash_attn_func, flash_attn_varlen_func
+
+        if cu_seqlens is None:
+            return flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
+        if B != 1:
+            raise ValueError(f"cu_seqlens requires the packed layout with batch size 1, got B={B}")
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != T:
+            raise ValueError(f"cu_seqlens must run from 0 to T={T}, got {bounds}")
+        max_len = max((e - s for s, e in itertools.pairwise(bounds)), default=0)
+        cu = cu_seqlens.to(torch.int32)
+        o = flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, max_len, max_len, softmax_scale=scale, causal=causal)
+        return o[None]
     # SDPA wants heads before time
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     gqa = Hq != Hkv
@@ -106,9 +138,9 @@ class Attention(nn.Module):
         rope_theta: RoPE base.
         output_gate: add ``g_proj`` (D -> Hq*Dh) and multiply the attention output by its
             sigmoid elementwise (Qiu et al. 2025, G1 elementwise head-specific gate).
-        kernels: ``"auto"`` | ``"torch"`` | ``"triton"``; auto and torch run
-            :func:`softmax_attention`; triton raises NotImplementedError until the flash kernel is
-            wired in.
+        kernels: ``"auto"`` | ``"torch"`` | ``"triton"``: :func:`softmax_attention` with SDPA
+            (torch), the Triton FlashAttention-2 kernel (triton), or Triton on CUDA and SDPA
+            elsewhere (auto).
 
     Parameters: ``q_proj [Hq*Dh, D]``, ``k_proj``/``v_proj [Hkv*Dh, D]``, ``g_proj [Hq*Dh, D]``
     (if gated), ``o_proj [D, Hq*Dh]`` (the residual-branch output projection).
@@ -117,8 +149,16 @@ class Attention(nn.Module):
     ``position_ids=None`` means positions within documents of ``cu_seqlens`` (or ``0..T-1``).
 
     Raises:
-        ValueError: inconsistent head counts or input shapes; NotImplementedError for ``triton``.
+        ValueError: inconsistent head counts or input shapes; ImportError: ``triton`` without
+        the triton package.
+
+    Context parallelism: :func:`lctrain.parallel.context.apply_context_parallel` sets
+    ``context_parallel``; x is then this rank's zigzag shard, ``position_ids`` its true positions
+    and ``cu_seqlens`` the global document boundaries (ring / Ulysses / USP attention).
     """
+
+    supports_context_parallel = True
+    context_parallel = None  # a ContextParallel handle, set by apply_context_parallel
 
     def __init__(
         self,
@@ -168,7 +208,14 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         q, k = self.rope(q, k, position_ids)
-        o = softmax_attention(q, k, v, cu_seqlens=cu_seqlens, causal=True)
+        if self.context_parallel is not None:  # zigzag shard; cu_seqlens are the global boundaries
+            from lctrain.parallel.context import context_parallel_attention
+
+            o = context_parallel_attention(
+                q, k, v, cu_seqlens, self.context_parallel, use_flash=use_triton(self.kernels, q)
+            )
+        else:
+            o = softmax_attention(q, k, v, cu_seqlens=cu_seqlens, causal=True, kernels=self.kernels)
         if self.g_proj is not None:
             o = o * torch.sigmoid(self.g_proj(x)).view(B, T, self.num_heads, self.head_dim)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))

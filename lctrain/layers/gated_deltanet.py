@@ -16,13 +16,18 @@ every ``cu_seqlens`` boundary.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lctrain.kernels.gated_delta_rule import chunk_gated_delta_rule
+from lctrain.kernels.gated_delta_rule import (
+    chunk_gated_delta_rule,
+    chunk_gated_delta_rule_triton,
+    triton_available,
+)
 from lctrain.layers.conv import ShortConvolution
 from lctrain.layers.norm import GatedRMSNorm
 from lctrain.layers.rope import default_position_ids
@@ -48,9 +53,10 @@ class GatedDeltaNet(nn.Module):
         chunk_size: chunk length of the chunked kernel (kept for when the kernel takes it; the
             result does not depend on it).
         norm_eps: eps of the gated output RMSNorm.
-        kernels: ``"auto"`` | ``"torch"`` | ``"triton"``; auto and torch call
-            ``lctrain.kernels.gated_delta_rule.chunk_gated_delta_rule``; triton raises
-            NotImplementedError until the Triton kernel is wired in.
+        kernels: ``"auto"`` | ``"torch"`` | ``"triton"``; torch calls
+            ``lctrain.kernels.gated_delta_rule.chunk_gated_delta_rule``, triton calls
+            ``chunk_gated_delta_rule_triton`` (CUDA, or CPU under TRITON_INTERPRET=1), auto picks
+            triton when x is on CUDA and triton imports, else torch.
 
     Parameters: ``q_proj``/``k_proj [H*K, D]``, ``v_proj``/``g_proj [H*V, D]``, ``a_proj``/
     ``b_proj [H, D]``, ``q_conv``/``k_conv``/``v_conv`` (depthwise, ``[C, conv_size]``),
@@ -65,8 +71,15 @@ class GatedDeltaNet(nn.Module):
     ``g`` and ``beta`` are computed in fp32.
 
     Raises:
-        ValueError: bad sizes or input shapes; NotImplementedError for ``kernels='triton'``.
+        ValueError: bad sizes or input shapes. RuntimeError: ``kernels='triton'`` without triton
+            (or on CPU without TRITON_INTERPRET=1), raised by the first forward.
+
+    Context parallelism: ``context_parallel`` (set by ``apply_context_parallel``) makes x a zigzag
+    shard; the short convolutions fetch their halo and the recurrence passes state across ranks.
     """
+
+    supports_context_parallel = True
+    context_parallel = None  # a ContextParallel handle, set by apply_context_parallel
 
     def __init__(
         self,
@@ -90,11 +103,6 @@ class GatedDeltaNet(nn.Module):
         if kernels not in KERNEL_CHOICES:
             raise ValueError(
                 f"kernels={kernels!r} for Gated DeltaNet; allowed values are {', '.join(KERNEL_CHOICES)}"
-            )
-        if kernels == "triton":
-            raise NotImplementedError(
-                "kernels='triton' is not wired into GatedDeltaNet yet; use kernels='auto' or 'torch' "
-                "(the chunked PyTorch path runs on CPU and CUDA)"
             )
         self.d_model, self.num_heads, self.head_dim = d_model, num_heads, head_dim
         self.head_v_dim = int(head_dim * expand_v)
@@ -150,13 +158,33 @@ class GatedDeltaNet(nn.Module):
         if position_ids is None:
             position_ids = default_position_ids(B, T, cu_seqlens, x.device)
         H, K, V = self.num_heads, self.head_dim, self.head_v_dim
-        q = l2norm(self.q_conv(self.q_proj(x), position_ids).view(B, T, H, K))
-        k = l2norm(self.k_conv(self.k_proj(x), position_ids).view(B, T, H, K))
-        v = self.v_conv(self.v_proj(x), position_ids).view(B, T, H, V)
+        cp = self.context_parallel
+        if cp is not None:  # zigzag shard: conv halo exchange + state passing (lctrain.parallel.context)
+            from lctrain.parallel.context import cp_gated_delta_rule, cp_short_conv
+
+            conv = lambda m, t: cp_short_conv(m, t, position_ids, cp)
+        else:
+            conv = lambda m, t: m(t, position_ids)
+        q = l2norm(conv(self.q_conv, self.q_proj(x)).view(B, T, H, K))
+        k = l2norm(conv(self.k_conv, self.k_proj(x)).view(B, T, H, K))
+        v = conv(self.v_conv, self.v_proj(x)).view(B, T, H, V)
         g, beta = self.gates(x)
-        o, _ = chunk_gated_delta_rule(q, k, v, g, beta, scale=K**-0.5, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size)
+        if cp is not None:
+            o = cp_gated_delta_rule(
+                q, k, v, g, beta, cp, scale=K**-0.5, cu_seqlens=cu_seqlens, kernel=self._delta_rule_fn(x)
+            )
+        else:
+            o, _ = self._delta_rule_fn(x)(q, k, v, g, beta, scale=K**-0.5, cu_seqlens=cu_seqlens)
         o = self.o_norm(o, self.g_proj(x).view(B, T, H, V))
         return self.o_proj(o.reshape(B, T, H * V))
+
+    def _delta_rule_fn(self, x: torch.Tensor):
+        """The chunked gated delta rule for ``self.kernels`` and x's device (see class docstring)."""
+        if self.kernels == "triton" or (
+            self.kernels == "auto" and x.is_cuda and triton_available(x.device)
+        ):
+            return chunk_gated_delta_rule_triton
+        return functools.partial(chunk_gated_delta_rule, chunk_size=self.chunk_size)
 
     def extra_repr(self) -> str:
         return (

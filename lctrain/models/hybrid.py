@@ -1,8 +1,8 @@
-"""HybridLM: a decoder-only language model mixing Gated DeltaNet and softmax-attention layers.
+"""HybridLM: a decoder-only language model mixing linear-attention and softmax-attention layers.
 
 The layer stack follows ``ModelConfig.layer_pattern`` tiled to ``n_layers`` (``G`` = Gated
-DeltaNet, ``A`` = softmax attention), the 3:1 hybrid of Gated DeltaNet-H1 (Yang et al., ICLR 2025)
-and Qwen3-Next. Every block is pre-norm residual (GPT-2 / Llama layout)::
+DeltaNet, ``A`` = softmax attention, ``L`` = Lightning Attention); ``GGGA`` is the 3:1 hybrid of
+Gated DeltaNet-H1 (Yang et al., ICLR 2025) and Qwen3-Next, ``LLLLLLLA`` the 7:1 hybrid of MiniMax-01. Every block is pre-norm residual (GPT-2 / Llama layout)::
 
     x = x + mixer(rmsnorm(x), position_ids, cu_seqlens)
     x = x + swiglu(rmsnorm(x))
@@ -18,11 +18,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lctrain.config import LAYER_TYPES, ModelConfig
+from lctrain.config import LAYER_TYPES, ModelConfig, moe_layer_indices
 from lctrain.layers.attention import Attention
 from lctrain.layers.conv import ShortConvolution
 from lctrain.layers.ffn import SwiGLU, default_ffn_hidden_size
 from lctrain.layers.gated_deltanet import GatedDeltaNet
+from lctrain.layers.lightning import LightningAttention
+from lctrain.layers.moe import MoE
 from lctrain.layers.norm import GatedRMSNorm, RMSNorm
 from lctrain.layers.rope import check_cu_seqlens, default_position_ids
 
@@ -36,7 +38,7 @@ def expand_layer_pattern(layer_pattern: str, n_layers: int) -> str:
     """
     if not layer_pattern:
         raise ValueError(
-            "model.layer_pattern is empty; use letters G (Gated DeltaNet) and A (softmax attention)"
+            "model.layer_pattern is empty; use letters G (Gated DeltaNet), A (softmax attention), L (Lightning)"
         )
     bad = sorted(set(layer_pattern) - set(LAYER_TYPES))
     if bad:
@@ -54,15 +56,17 @@ def expand_layer_pattern(layer_pattern: str, n_layers: int) -> str:
 
 
 class HybridBlock(nn.Module):
-    """One pre-norm residual block: a token mixer (``kind`` G or A) then a SwiGLU FFN.
+    """One pre-norm residual block: a token mixer (``kind`` G, A or L) then a SwiGLU FFN.
 
-    Submodules: ``mixer_norm``, ``mixer`` (:class:`GatedDeltaNet` or :class:`Attention`),
-    ``ffn_norm``, ``ffn`` (:class:`SwiGLU`).
+    Submodules: ``mixer_norm``, ``mixer`` (:class:`GatedDeltaNet`, :class:`Attention` or
+    :class:`LightningAttention`; ``layer_idx`` sets the lightning decay slopes),
+    ``ffn_norm``, ``ffn`` (:class:`SwiGLU`, or :class:`lctrain.layers.moe.MoE` in the blocks
+    chosen by ``model.moe.layers`` when ``model.moe.num_experts > 0``).
 
     ``forward(x [B,T,D], position_ids [B,T] int, cu_seqlens int32 [N+1] | None) -> [B,T,D]``.
     """
 
-    def __init__(self, kind: str, cfg: ModelConfig):
+    def __init__(self, kind: str, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         self.kind = kind
         d = cfg.d_model
@@ -88,10 +92,25 @@ class HybridBlock(nn.Module):
                 output_gate=cfg.attn_output_gate,
                 kernels=cfg.kernels,
             )
+        elif kind == "L":
+            self.mixer = LightningAttention(
+                d,
+                cfg.num_heads,
+                cfg.head_dim,
+                layer_idx=layer_idx,
+                n_layers=cfg.n_layers,
+                chunk_size=cfg.chunk_size,
+                norm_eps=cfg.norm_eps,
+                kernels=cfg.kernels,
+            )
         else:  # expand_layer_pattern already rejected it
             raise AssertionError(kind)
         self.ffn_norm = RMSNorm(d, cfg.norm_eps)
-        self.ffn = SwiGLU(d, default_ffn_hidden_size(d, cfg.ffn_hidden_size))
+        dense_hidden = default_ffn_hidden_size(d, cfg.ffn_hidden_size)
+        if cfg.moe.num_experts > 0 and layer_idx in moe_layer_indices(cfg.moe.layers, cfg.n_layers):
+            self.ffn: nn.Module = MoE(d, cfg.moe, dense_hidden)  # model.moe.layers picks the blocks
+        else:
+            self.ffn = SwiGLU(d, dense_hidden)
 
     def forward(
         self, x: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None
@@ -125,7 +144,7 @@ class HybridLM(nn.Module):
 
     Raises:
         ValueError: bad ``layer_pattern``/``n_layers`` or layer sizes (at construction);
-        NotImplementedError: ``kernels='triton'`` while no Triton path is wired in.
+        ImportError: ``kernels='triton'`` without the triton package installed.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -140,7 +159,7 @@ class HybridLM(nn.Module):
             raise ValueError(f"model.init_std must be > 0, got {cfg.init_std}")
         self.activation_checkpointing = cfg.activation_checkpointing
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(HybridBlock(kind, cfg) for kind in self.layer_types)
+        self.layers = nn.ModuleList(HybridBlock(kind, cfg, i) for i, kind in enumerate(self.layer_types))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
@@ -169,10 +188,15 @@ class HybridLM(nn.Module):
                 m.reset_parameters()
             if isinstance(m, GatedDeltaNet):
                 m.reset_decay_parameters()
+            elif isinstance(m, LightningAttention):
+                m.reset_parameters()
         out_std = std / math.sqrt(2 * len(self.layers))
         for block in self.layers:
             nn.init.normal_(block.mixer.o_proj.weight, mean=0.0, std=out_std)
-            nn.init.normal_(block.ffn.down_proj.weight, mean=0.0, std=out_std)
+            if isinstance(block.ffn, MoE):
+                block.ffn.reset_parameters(std, out_std)
+            else:
+                nn.init.normal_(block.ffn.down_proj.weight, mean=0.0, std=out_std)
 
     def hidden_states(
         self,
@@ -189,14 +213,22 @@ class HybridLM(nn.Module):
                 f"input_ids must be an integer tensor [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}"
             )
         B, T = input_ids.shape
+        # context parallelism (apply_context_parallel): input_ids is this rank's zigzag shard of a
+        # sequence of cp.degree * T tokens and cu_seqlens holds the global document boundaries
+        cp = getattr(self, "context_parallel", None)
         if cu_seqlens is not None:
             if B != 1:
                 raise ValueError(
                     "cu_seqlens requires the packed layout: input_ids [1, T] with the documents end to end, "
                     f"got B={B}"
                 )
-            check_cu_seqlens(cu_seqlens, T)
-        if position_ids is None:
+            check_cu_seqlens(cu_seqlens, T * (cp.degree if cp is not None else 1))
+        if position_ids is None and cp is not None:
+            from lctrain.parallel.context import shard_sequence
+
+            full = default_position_ids(B, T * cp.degree, cu_seqlens, input_ids.device)
+            position_ids = shard_sequence(full, cp.degree, cp.rank)
+        elif position_ids is None:
             position_ids = default_position_ids(B, T, cu_seqlens, input_ids.device)
         elif position_ids.shape != (B, T):
             raise ValueError(f"position_ids must be [B, T] = {(B, T)}, got {tuple(position_ids.shape)}")
@@ -254,6 +286,8 @@ class HybridLM(nn.Module):
         * softmax attention, causal, per layer: forward ``2 * 2 * H * Dh * T/2`` (QK^T and PV
           over on average T/2 keys) -> ``6 * H * Dh * T`` for training. (Non-causal accountings,
           e.g. ``12 * H * Dh * T`` in the PaLM appendix, count the masked half too.)
+        * Lightning Attention, per layer: read and write the [Dh, Dh] state, ``2 * 2 * Dh^2``
+          forward per head -> ``12 * H * Dh^2`` for training.
         * Gated DeltaNet, per layer: the recurrence reads, corrects and writes the [K, V] state,
           ``3 * 2 * K * V`` forward per head -> ``18 * H * K * V`` for training, independent of
           T (the chunked kernel's intra-chunk work is an implementation cost, not counted).
@@ -273,11 +307,17 @@ class HybridLM(nn.Module):
         n = self.num_params(exclude_embedding=True)
         if cfg.tie_embeddings:
             n += cfg.vocab_size * cfg.d_model
+        for block in self.layers:  # MoE: each token runs top_k of num_experts routed experts
+            if isinstance(block.ffn, MoE):
+                routed = sum(p.numel() for p in block.ffn.experts.parameters())
+                n -= routed * (1.0 - block.ffn.top_k / block.ffn.experts.num_experts)
         flops = 6.0 * n
         v_dim = int(cfg.gdn_head_dim * cfg.gdn_expand_v)
         for kind in self.layer_types:
             if kind == "A":
                 flops += 6.0 * cfg.num_heads * cfg.head_dim * seq_len
+            elif kind == "L":
+                flops += 12.0 * cfg.num_heads * cfg.head_dim * cfg.head_dim
             else:
                 flops += 18.0 * cfg.gdn_num_heads * cfg.gdn_head_dim * v_dim
         return flops

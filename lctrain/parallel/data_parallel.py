@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 
 def apply_data_parallel(model: nn.Module, mesh: DeviceMesh | None, dp_impl: str, device: torch.device) -> nn.Module:
-    """Wrap ``model`` for data parallelism over ``mesh["dp"]``.
+    """Wrap ``model`` for data parallelism over ``mesh["dp"]`` (the flattened ``dp x cp`` when cp > 1).
 
     Args:
         model: the single-device model, already on ``device``.
@@ -29,8 +29,16 @@ def apply_data_parallel(model: nn.Module, mesh: DeviceMesh | None, dp_impl: str,
     """
     if mesh is None:
         return model
-    dp_mesh = mesh["dp"]
+    # context-parallel ranks hold replicated parameters too: average gradients over dp x cp
+    dp_mesh = mesh["dp"] if mesh["cp"].size() == 1 else mesh["dp", "cp"]._flatten("dp_cp")
     if dp_impl == "ddp":
+        from lctrain.parallel.expert import expert_parameters
+
+        # EP-sharded expert weights differ per EP rank: DDP must not average them
+        # (lctrain.parallel.expert.reduce_expert_grads reduces them over their edp group instead).
+        ignore = [n for n, _ in expert_parameters(model)]
+        if ignore:
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
         return nn.parallel.DistributedDataParallel(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,

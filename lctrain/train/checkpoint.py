@@ -48,6 +48,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from lctrain.parallel.expert import expert_state_to_dtensor, expert_state_to_local
+
 COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
 DCP_METADATA = ".metadata"
@@ -94,7 +96,7 @@ def _on_rank0(fn: Callable[[], None], what: str) -> None:
     if rank == 0:
         try:
             fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised by _agree on every rank
+        except BaseException as e:
             error = e
     _agree(error, what)
 
@@ -161,9 +163,12 @@ def _write_rng_state(directory: Path, rank: int) -> None:
 
 def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     if optimizer is None:
-        return {"model": get_model_state_dict(model)}
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    return {"model": model_sd, "optim": optim_sd}
+        state = {"model": get_model_state_dict(model)}
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+    # expert-parallel weights: saved as one global [E, ...] tensor, so any ep_degree can load them
+    return expert_state_to_dtensor(model, state)
 
 
 def list_checkpoints(ckpt_root: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -292,7 +297,7 @@ def save_checkpoint(
     error = None
     try:
         _write_rng_state(tmp, rank)
-    except BaseException as e:  # noqa: BLE001 - re-raised by _agree on every rank
+    except BaseException as e:
         error = e
     _agree(error, f"writing RNG state into {tmp}")
 
@@ -380,6 +385,7 @@ def load_checkpoint(
     state = _state_dicts(model, optimizer)
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(path), no_dist=not _dist_on())
+    expert_state_to_local(model, state)
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:

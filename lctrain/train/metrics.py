@@ -262,6 +262,11 @@ class MetricsLogger:
         if self.bar is not None and "loss" in values:
             self.bar.write(f"step {step}: val/loss {values['loss']:.4f} val/ppl {values['ppl']:.4g}")
 
+    def log_histogram(self, tag: str, values: Any, step: int) -> None:
+        """Write a TensorBoard histogram of ``values`` (e.g. tokens per expert) under ``tag``; no-op off rank 0."""
+        if self.active and self.writer is not None:
+            self.writer.add_histogram(tag, torch.as_tensor(values, dtype=torch.float64), step)
+
     def close(self) -> None:
         """Flush and close the TensorBoard writer and the progress bar (idempotent)."""
         if self.writer is not None:

@@ -7,6 +7,12 @@ batch: each micro-batch contributes ``sum(CE) / global_tokens``, with ``global_t
 over all ranks before the forward passes. DDP/FSDP average gradients over ``dp``, so each rank's
 loss is multiplied by ``dp``. The result is the same optimisation at any world size, which the
 distributed tests check against a single process.
+
+Context parallelism (``cp > 1``): the ``cp`` ranks of a dp group read the same micro-batches and
+each keeps its zigzag shard (:func:`lctrain.parallel.context.shard_batch`); the loss sums CE over
+local tokens only. Parameters are replicated over cp as well, so DDP/FSDP average over the
+flattened ``dp x cp`` ranks and the loss is multiplied by ``dp * cp``; ``global_tokens`` counts
+each micro-batch once (the per-rank full-batch counts are divided by ``cp``).
 """
 
 from __future__ import annotations
@@ -28,8 +34,18 @@ from lctrain.config import ConfigError, RunConfig, to_dict, to_yaml
 from lctrain.data import build_data, collate_packed
 from lctrain.data.sampler import DistributedBatchSampler
 from lctrain.data.tokenizer import check_vocab
+from lctrain.layers.moe import finish_step as moe_finish_step
+from lctrain.layers.moe import moe_layers, set_aux_loss_scale
 from lctrain.models import HybridLM
-from lctrain.parallel.data_parallel import apply_data_parallel, no_grad_sync, unwrap
+from lctrain.parallel import expert as expert_parallel
+from lctrain.parallel.context import (
+    apply_context_parallel,
+    build_context_parallel,
+    check_cp_layout,
+    cp_groups_from_mesh,
+    shard_batch,
+)
+from lctrain.parallel.data_parallel import apply_data_parallel, no_grad_sync
 from lctrain.parallel.mesh import DistEnv, barrier, build_mesh, init_distributed, resolve_dims
 from lctrain.train.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from lctrain.train.metrics import MetricsLogger, mfu, write_summary
@@ -85,10 +101,17 @@ class Trainer:
         t, p = cfg.train, cfg.parallel
         self.env: DistEnv = init_distributed(p)
         self.dims = resolve_dims(p, self.env.world_size)
-        if self.dims.cp > 1:
-            raise ConfigError("parallel.cp_degree > 1: context parallelism is not available in this build yet")
-        if self.dims.ep > 1:
-            raise ConfigError("parallel.ep_degree > 1: expert parallelism is not available in this build yet")
+        if self.dims.cp > 1:  # also checked by config.validate; repeated for configs built in code
+            check_cp_layout(
+                self.dims.cp, p.cp_impl, p.ulysses_degree, cfg.data.seq_len,
+                cfg.model.num_heads if "A" in cfg.model.layer_pattern else None, cfg.model.num_kv_heads,
+                cfg.model.conv_size,
+            )
+        if self.dims.ep > 1 and p.dp_impl != "ddp":
+            raise ConfigError(
+                f"parallel.ep_degree={self.dims.ep} needs parallel.dp_impl=ddp (expert weights are excluded from "
+                f"DDP and reduced over their expert-data-parallel group); FSDP with EP is not supported yet"
+            )
         dp = self.dims.dp
         if t.global_batch_size % (t.micro_batch_size * dp) != 0:
             raise ConfigError(
@@ -120,6 +143,17 @@ class Trainer:
         model = HybridLM(cfg.model).to(self.device)
         self.num_params = sum(p.numel() for p in model.parameters())
         self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
+        self.has_moe = bool(moe_layers(model))
+        self.moe_history: dict[str, list] = {"load_max_mean": [], "aux_loss": [], "z_loss": [], "dropped_frac": []}
+        self.moe_last: dict | None = None
+        self.ep = None
+        if self.dims.ep > 1:  # every rank built all experts from the same seed; keep this rank's share
+            self.ep = expert_parallel.build_expert_parallel(self.device.type, self.dims.ep)
+            expert_parallel.shard_experts(model, self.ep)
+        self.cp = None  # ContextParallel handle; the mixers get it through apply_context_parallel
+        if self.dims.cp > 1:
+            self.cp = build_context_parallel(cp_groups_from_mesh(self.mesh), p.cp_impl, p.ulysses_degree)
+            apply_context_parallel(model, self.cp)
         self.model = apply_data_parallel(model, self.mesh, p.dp_impl, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
@@ -178,6 +212,8 @@ class Trainer:
             if self.autocast_dtype is not None
             else torch.autocast(self.device.type, enabled=False)
         )
+        if self.cp is not None:  # this rank's zigzag shard; cu_seqlens stay global
+            batch = shard_batch(batch, self.cp.degree, self.cp.rank)
         with ctx:
             logits = self.model(batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"])
         return F.cross_entropy(
@@ -195,16 +231,20 @@ class Trainer:
         average DDP/FSDP take over ``dp`` ranks equals the gradient of the mean over all labelled
         tokens of the global batch, whatever the world size.
         """
-        local_tokens = float(sum(int(b["num_tokens"]) for b in micro))
+        local_tokens = float(sum(int(b["num_tokens"]) for b in micro)) / self.dims.cp  # cp ranks share a batch
         (global_tokens,) = _all_reduce_sum([local_tokens], self.device)
         global_tokens = max(global_tokens, 1.0)
         self.model.train()
+        # aux/z losses: mean over all micro-batches of the global batch; DDP averages over dp ranks
+        set_aux_loss_scale(self.model, 1.0 / len(micro))
         loss_sum = 0.0
         for i, batch in enumerate(micro):
             with no_grad_sync(self.model, enabled=i < len(micro) - 1):
                 ls = self.forward_loss_sum(batch)
-                (ls * (self.dims.dp / global_tokens)).backward()
+                (ls * (self.dims.dp * self.dims.cp / global_tokens)).backward()
             loss_sum += float(ls.detach())
+        if self.ep is not None:  # DDP skipped the expert weights; same factor as the loss scaling above
+            expert_parallel.reduce_expert_grads(self.model, divisor=self.dims.dp * self.dims.cp)
         (total,) = _all_reduce_sum([loss_sum], self.device)
         return total / global_tokens
 
@@ -219,11 +259,16 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             return loss, float("nan")
         clip = self.cfg.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        if self.ep is not None:  # expert gradients differ across EP ranks: their norm is summed over EP
+            grad_norm = expert_parallel.clip_grad_norm_(self.model, clip if clip > 0 else float("inf"))
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        if self.has_moe:  # loads all-reduced over every rank; expert biases updated after the step
+            self.moe_last = moe_finish_step(self.model)
         return loss, grad_norm
 
     @torch.no_grad()
@@ -231,13 +276,15 @@ class Trainer:
         """Mean next-token loss on the first ``eval_batches * micro_batch_size * dp`` validation windows."""
         t = self.cfg.train
         n = min(len(self.val_set), t.eval_batches * t.micro_batch_size * self.dims.dp)
+        if self.ep is not None:  # every rank must run the same number of forwards (all-to-all inside)
+            n -= n % self.dims.dp
         mine = list(range(self.dp_rank, n, self.dims.dp))
         self.model.eval()
         loss_sum, count = 0.0, 0.0
         for s in range(0, len(mine), t.micro_batch_size):
             batch = self._to_device(collate_packed([self.val_set[i] for i in mine[s : s + t.micro_batch_size]]))
             loss_sum += float(self.forward_loss_sum(batch))
-            count += float(batch["num_tokens"])
+            count += float(batch["num_tokens"]) / self.dims.cp  # each cp rank sums CE of its shard only
         total, total_count = _all_reduce_sum([loss_sum, count], self.device)
         self.model.train()
         return total / max(total_count, 1.0)
@@ -288,8 +335,13 @@ class Trainer:
                 util = mfu(self.flops_per_token, tps / self.env.world_size, self.device)
                 if util is not None:
                     metrics["mfu"] = util
+                if self.moe_last is not None:
+                    metrics.update(self._moe_metrics(self.moe_last))
                 if step % t.log_every == 0 or step == t.max_steps:
                     logger.log_step(step, metrics)
+                    if self.moe_last is not None:
+                        for layer in self.moe_last["layers"]:
+                            logger.log_histogram(f"moe/load/{layer['name']}", layer["tokens_per_expert"], step)
                 if t.eval_every and step % t.eval_every == 0 and step != t.max_steps and len(self.val_set) > 0:
                     val = self.evaluate()
                     self.state.val_history.append([step, val])
@@ -317,6 +369,15 @@ class Trainer:
             )
         return summary
 
+    def _moe_metrics(self, stats: dict) -> dict:
+        """Scalars of one step's MoE statistics, also appended to the run's history."""
+        out = {f"moe/{k}": stats[k] for k in ("aux_loss", "z_loss", "dropped_frac", "load_max_mean")}
+        for k in self.moe_history:
+            self.moe_history[k].append(stats[k])
+        for layer in stats["layers"]:
+            out[f"moe/load_max_mean/{layer['name']}"] = layer["load_max_mean"]
+        return out
+
     def _summary(self, run_tokens: int, run_time: float, wall: float) -> dict:
         vh = self.state.val_history
         finite = [x for x in self.state.losses if math.isfinite(x)]
@@ -337,6 +398,11 @@ class Trainer:
             "world_size": self.env.world_size,
             "dp_degree": self.dims.dp,
             "cp_degree": self.dims.cp,
+            "ep_degree": self.dims.ep,
+            "moe": None if not self.has_moe else {
+                **self.moe_history,
+                "final_layers": self.moe_last["layers"] if self.moe_last else None,
+            },
             "num_params": self.num_params,
             "device": str(self.device),
         }

@@ -138,7 +138,6 @@ def test_two_rank_gradients_equal_one_rank(small_corpus, tmp_path, reference_run
         assert err < 1e-5, (name, float(err))
 
 
-@pytest.mark.slow
 def test_torchrun_two_ranks_match_one_and_reshard(small_corpus, tmp_path, reference_run):
     """torchrun with 2 ranks gives the 1-rank losses; its step-2 checkpoint resumes on 1 rank."""
     _, cache, ref = reference_run

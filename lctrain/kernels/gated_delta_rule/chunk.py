@@ -61,16 +61,20 @@ def _validate(q, k, v, g, beta, initial_state, cu_seqlens, chunk_size) -> int:
     if q.dim() != 4:
         raise ValueError(f"q must be [B, T, H, K], got shape {tuple(q.shape)}")
     B, T, H, K = q.shape
+    HV = v.shape[2] if v.dim() == 4 else -1
     if (
         k.shape != q.shape
         or v.dim() != 4
-        or v.shape[:3] != (B, T, H)
-        or g.shape != (B, T, H)
-        or beta.shape != (B, T, H)
+        or v.shape[:2] != (B, T)
+        or HV < 1
+        or HV % H != 0
+        or g.shape != (B, T, HV)
+        or beta.shape != (B, T, HV)
     ):
         raise ValueError(
             f"shape mismatch: q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)} "
-            f"g{tuple(g.shape)} beta{tuple(beta.shape)}; expected q,k [B,T,H,K], v [B,T,H,V], g,beta [B,T,H]"
+            f"g{tuple(g.shape)} beta{tuple(beta.shape)}; expected q,k [B,T,H,K], v [B,T,HV,V], "
+            "g,beta [B,T,HV] with HV (value heads) a multiple of H"
         )
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
         if not x.is_floating_point():
@@ -101,9 +105,9 @@ def _validate(q, k, v, g, beta, initial_state, cu_seqlens, chunk_size) -> int:
             raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
         N = len(bounds) - 1
     V = v.shape[-1]
-    if initial_state is not None and tuple(initial_state.shape) != (N, H, K, V):
+    if initial_state is not None and tuple(initial_state.shape) != (N, HV, K, V):
         raise ValueError(
-            f"initial_state must be [N={N}, H={H}, K={K}, V={V}] (one state per sequence), "
+            f"initial_state must be [N={N}, HV={HV}, K={K}, V={V}] (one state per sequence), "
             f"got {tuple(initial_state.shape)}"
         )
     return N
@@ -168,11 +172,12 @@ def chunk_gated_delta_rule(
     Args:
         q, k: [B, T, H, K] queries and keys (keys are expected L2-normalised, as in Gated
             DeltaNet; otherwise the delta rule itself can diverge).
-        v: [B, T, H, V] values.
-        g: [B, T, H] log decay per token, ``<= 0`` (not checked; positive values can overflow).
-        beta: [B, T, H] write strength, normally in [0, 1].
+        v: [B, T, HV, V] values; HV (value heads) is H or a multiple of it: q/k head ``h``
+            serves value heads ``h*G .. h*G+G-1`` with ``G = HV // H`` (grouped value heads).
+        g: [B, T, HV] log decay per token, ``<= 0`` (not checked; positive values can overflow).
+        beta: [B, T, HV] write strength, normally in [0, 1].
         scale: query scale; default ``K ** -0.5``.
-        initial_state: [N, H, K, V] state before the first token of each sequence
+        initial_state: [N, HV, K, V] state before the first token of each sequence
             (N = B, or the number of sequences in ``cu_seqlens``); any float dtype.
         output_final_state: also return the state after the last token of each sequence.
         cu_seqlens: integer [N + 1] cumulative sequence lengths of packed sequences (requires
@@ -181,7 +186,7 @@ def chunk_gated_delta_rule(
         chunk_size: tokens per chunk C (64 matches the Triton kernel; any positive int works).
 
     Returns:
-        ``(o, final_state)``: o [B, T, H, V] in the dtype of ``v``; final_state [N, H, K, V] in
+        ``(o, final_state)``: o [B, T, HV, V] in the dtype of ``v``; final_state [N, HV, K, V] in
         fp32 (fp64 when an input is fp64), or None unless ``output_final_state``.
 
     Raises:
@@ -190,6 +195,9 @@ def chunk_gated_delta_rule(
             not [N, H, K, V].
     """
     N = _validate(q, k, v, g, beta, initial_state, cu_seqlens, chunk_size)
+    if v.shape[2] != q.shape[2]:  # grouped value heads: q/k head h serves value heads h*G..h*G+G-1
+        G = v.shape[2] // q.shape[2]
+        q, k = q.repeat_interleave(G, dim=2), k.repeat_interleave(G, dim=2)
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = chunk_size

@@ -28,18 +28,19 @@ def naive_recurrent_gated_delta_rule(
 
     Args:
         q, k: [B, T, H, K] queries and keys (any float dtype; computed in fp32).
-        v: [B, T, H, V] values.
-        g: [B, T, H] log decay (``<= 0``; ``exp(g)`` multiplies the state).
-        beta: [B, T, H] write strength in [0, 1].
+        v: [B, T, HV, V] values; HV a multiple of H (q/k head ``h`` serves value heads
+            ``h*G .. h*G+G-1``, ``G = HV // H``).
+        g: [B, T, HV] log decay (``<= 0``; ``exp(g)`` multiplies the state).
+        beta: [B, T, HV] write strength in [0, 1].
         scale: query scale; default ``K ** -0.5``.
-        initial_state: [N, H, K, V] state before the first token of each sequence
+        initial_state: [N, HV, K, V] state before the first token of each sequence
             (N = B, or the number of sequences in ``cu_seqlens``).
         output_final_state: also return the state after the last token of each sequence.
         cu_seqlens: int [N + 1] cumulative sequence lengths of packed sequences; requires B == 1.
             The state restarts (from ``initial_state`` or zero) at each sequence start.
 
     Returns:
-        ``(o, final_state)``: o [B, T, H, V] in the dtype of ``v``; final_state [N, H, K, V] fp32
+        ``(o, final_state)``: o [B, T, HV, V] in the dtype of ``v``; final_state [N, HV, K, V] fp32
         or None.
 
     Raises:
@@ -47,11 +48,22 @@ def naive_recurrent_gated_delta_rule(
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    if k.shape != q.shape or v.shape[:3] != (B, T, H) or g.shape != (B, T, H) or beta.shape != (B, T, H):
+    HV = v.shape[2]
+    if (
+        k.shape != q.shape
+        or v.shape[:2] != (B, T)
+        or HV % H != 0
+        or g.shape != (B, T, HV)
+        or beta.shape != (B, T, HV)
+    ):
         raise ValueError(
             f"shape mismatch: q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)} "
-            f"g{tuple(g.shape)} beta{tuple(beta.shape)}; expected q,k [B,T,H,K], v [B,T,H,V], g,beta [B,T,H]"
+            f"g{tuple(g.shape)} beta{tuple(beta.shape)}; expected q,k [B,T,H,K], v [B,T,HV,V], "
+            "g,beta [B,T,HV] with HV a multiple of H"
         )
+    if HV != H:  # grouped value heads: q/k head h serves value heads h*G .. h*G+G-1
+        q, k = q.repeat_interleave(HV // H, dim=2), k.repeat_interleave(HV // H, dim=2)
+        H = HV
     if scale is None:
         scale = K**-0.5
     if cu_seqlens is not None:

@@ -1,0 +1,166 @@
+"""Lightning Attention layer: linear attention with fixed per-head exponential decay.
+
+The layer of TransNormerLLM / MiniMax-01 (Qin et al., "Lightning Attention-2", arXiv:2401.04658;
+MiniMax, "MiniMax-01: Scaling Foundation Models with Lightning Attention", arXiv:2501.08313, Sec. 2.2):
+
+    q, k, v = silu(x W_q), silu(x W_k), silu(x W_v)                  (per head [T, Dh])
+    o       = LightningAttn(q, k, v; decay exp(-slope_h))             (state [Dh, Dh] per head)
+    y       = (RMSNorm(o) * sigmoid(x W_g)) W_o                       (norm per head, output gate)
+
+Decay slopes: the ALiBi geometric sequence over heads (Press et al., ICLR 2022: for H a power of
+two, ``slope_h = 2^(-8 (h + 1) / H)``; otherwise the first power of two below H, interleaved with
+the next one's odd terms), scaled per layer by ``1 - layer_idx / (n_layers - 1) + 1e-5`` so that
+early layers decay fast (local) and the last layer barely decays (global), as in TransNormerLLM.
+The slopes are fixed (a non-persistent buffer rebuilt from the config), not learned.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lctrain.kernels.lightning_attn import chunk_lightning_attn
+from lctrain.layers.attention import _check_kernels, use_triton
+from lctrain.layers.norm import rms_norm
+
+KERNEL_CHOICES = ("auto", "torch", "triton")
+
+
+def alibi_slopes(num_heads: int) -> list[float]:
+    """ALiBi head slopes (Press et al. 2022), a geometric sequence in (0, 1), largest first.
+
+    Raises:
+        ValueError: ``num_heads < 1``.
+    """
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        return power_of_two(num_heads)
+    base = 2 ** math.floor(math.log2(num_heads))
+    return power_of_two(base) + power_of_two(2 * base)[0::2][: num_heads - base]
+
+
+def lightning_slopes(num_heads: int, layer_idx: int, n_layers: int) -> torch.Tensor:
+    """fp32 [H] decay rates of one layer: ALiBi slopes times ``1 - layer_idx/(n_layers-1) + 1e-5``.
+
+    Raises:
+        ValueError: ``layer_idx`` outside ``[0, n_layers)``.
+    """
+    if not 0 <= layer_idx < n_layers:
+        raise ValueError(f"layer_idx must be in [0, n_layers={n_layers}), got {layer_idx}")
+    factor = 1.0 - layer_idx / (n_layers - 1) + 1e-5 if n_layers > 1 else 1.0
+    return torch.tensor(alibi_slopes(num_heads), dtype=torch.float32) * factor
+
+
+class LightningAttention(nn.Module):
+    """Lightning Attention token mixer (see module docstring).
+
+    Args:
+        d_model: model width D.
+        num_heads: heads H.
+        head_dim: Dh for queries, keys and values (state Dh x Dh per head).
+        layer_idx, n_layers: position in the stack (sets the decay slopes).
+        chunk_size: block size of the chunked kernel.
+        norm_eps: epsilon of the per-head output RMSNorm.
+        kernels: ``"auto"`` | ``"torch"`` | ``"triton"``: torch calls
+            :func:`lctrain.kernels.lightning_attn.chunk_lightning_attn`, triton
+            ``chunk_lightning_attn_triton`` (``chunk_size`` a power of two >= 16), auto the
+            Triton kernel on CUDA and the torch path elsewhere.
+
+    ``forward(x [B,T,D], position_ids [B,T] | None, cu_seqlens int32 [N+1] | None) -> [B,T,D]``;
+    positions are not used (the decay encodes order); the state restarts at each document in
+    ``cu_seqlens``.
+
+    Raises:
+        ValueError: non-positive sizes or an unknown ``kernels`` value;
+        ImportError: ``kernels='triton'`` without the triton package.
+
+    Context parallelism: ``context_parallel`` (set by ``apply_context_parallel``) switches
+    :meth:`mix` to state passing over the zigzag shards (``lctrain.parallel.context.linear``).
+    """
+
+    supports_context_parallel = True
+    context_parallel = None  # a ContextParallel handle, set by apply_context_parallel
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        head_dim: int,
+        layer_idx: int = 0,
+        n_layers: int = 1,
+        chunk_size: int = 64,
+        norm_eps: float = 1e-6,
+        kernels: str = "auto",
+    ):
+        super().__init__()
+        if min(d_model, num_heads, head_dim, chunk_size) < 1:
+            raise ValueError(
+                f"LightningAttention needs positive sizes, got d_model={d_model} num_heads={num_heads} "
+                f"head_dim={head_dim} chunk_size={chunk_size}"
+            )
+        if kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels={kernels!r} for Lightning Attention; allowed values are {', '.join(KERNEL_CHOICES)}")
+        _check_kernels(kernels, "Lightning Attention")  # triton needs the package
+        self.d_model, self.num_heads, self.head_dim = d_model, num_heads, head_dim
+        self.layer_idx, self.n_layers = layer_idx, n_layers
+        self.chunk_size, self.norm_eps, self.kernels = chunk_size, norm_eps, kernels
+        inner = num_heads * head_dim
+        self.qkv_proj = nn.Linear(d_model, 3 * inner, bias=False)
+        self.g_proj = nn.Linear(d_model, inner, bias=False)
+        self.o_norm_weight = nn.Parameter(torch.ones(head_dim))
+        self.o_proj = nn.Linear(inner, d_model, bias=False)
+        self.register_buffer("slope", lightning_slopes(num_heads, layer_idx, n_layers), persistent=False)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Unit output-norm scale and the slopes rebuilt (after ``to_empty``); Linears are set by the model."""
+        self.o_norm_weight.fill_(1.0)
+        self.slope.copy_(lightning_slopes(self.num_heads, self.layer_idx, self.n_layers))
+
+    def mix(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The sequence-mixing kernel call on [B, T, H, Dh] tensors (a hook for parallel schemes)."""
+        if self.context_parallel is not None:  # zigzag shard: state passing across cp ranks
+            from lctrain.parallel.context import cp_lightning_attn
+
+            return cp_lightning_attn(
+                q, k, v, self.slope, self.context_parallel, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size
+            )
+        if use_triton(self.kernels, q):
+            from lctrain.kernels.lightning_attn import chunk_lightning_attn_triton
+
+            o, _ = chunk_lightning_attn_triton(
+                q, k, v, self.slope, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size
+            )
+            return o
+        o, _ = chunk_lightning_attn(q, k, v, self.slope, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size)
+        return o
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, Dh = self.num_heads, self.head_dim
+        q, k, v = F.silu(self.qkv_proj(x)).view(B, T, 3, H, Dh).unbind(2)
+        o = self.mix(q, k, v, cu_seqlens)
+        o = rms_norm(o, self.o_norm_weight, self.norm_eps) * torch.sigmoid(self.g_proj(x)).view(B, T, H, Dh)
+        return self.o_proj(o.reshape(B, T, H * Dh))
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+            f"layer_idx={self.layer_idx}, kernels={self.kernels!r}"
+        )

@@ -1,0 +1,72 @@
+"""Softmax attention under context parallelism: ring, Ulysses, or both (USP).
+
+Unified Sequence Parallelism (Fang & Zhao, "USP: A Unified Sequence Parallelism Approach for Long
+Context Generative AI", 2024): Ulysses all-to-all inside groups of U ranks, ring attention across
+the P/U groups. ``cp_impl=ring`` is U = 1 and ``cp_impl=ulysses`` is U = P (no ring).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lctrain.layers.attention import softmax_attention
+from lctrain.parallel.context.handle import ContextParallel
+from lctrain.parallel.context.ring import ring_attention
+from lctrain.parallel.context.ulysses import heads_to_seq, replicate_kv_heads, seq_to_heads
+
+
+def context_parallel_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    cp: ContextParallel,
+    scale: float | None = None,
+    causal: bool = True,
+    use_flash: bool | None = None,
+) -> torch.Tensor:
+    """Attention of this rank's zigzag shard over the whole (global) sequence.
+
+    Args:
+        q: [B, T/P, Hq, Dh]; k, v: [B, T/P, Hkv, Dh]: this rank's tokens (zigzag chunks
+            ``r, 2P-1-r``) after RoPE at their true positions.
+        cu_seqlens: int32 [N + 1] *global* document boundaries (B == 1), or None.
+        cp: the :class:`ContextParallel` handle (``impl``, groups).
+        scale: logit scale, default ``Dh ** -0.5``.
+        causal: causal mask in global token order.
+        use_flash: Triton FlashAttention kernels (ring blocks, or the whole local attention after
+            the Ulysses all-to-all); None: on CUDA when available, False: torch path (see
+            :func:`lctrain.parallel.context.ring.flash_kernels`).
+
+    Returns:
+        [B, T/P, Hq, Dh] in ``q.dtype``: equal to this rank's rows of single-device attention.
+
+    Raises:
+        ValueError: ``Hq`` not divisible by U, or ``Hkv`` neither dividing nor divisible by U.
+    """
+    _, Tl, Hq, _ = q.shape
+    T = Tl * cp.degree
+    U = cp.ulysses_degree
+    if U > 1:
+        if Hq % U:
+            raise ValueError(f"num_heads={Hq} must be divisible by the Ulysses degree {U}")
+        k, v = replicate_kv_heads(k, U), replicate_kv_heads(v, U)
+        q, k, v = (seq_to_heads(t, cp.ulysses_group) for t in (q, k, v))
+    q_index = cp.ulysses_token_indices(T, device=q.device)
+    if cp.ring_degree == 1:
+        # every token of the sequence is here: attend in natural order with the fast local path
+        order = torch.argsort(q_index)
+        inv = torch.argsort(order)
+        qs, ks, vs = (t.index_select(1, order) for t in (q, k, v))
+        kernels = "triton" if use_flash else "torch" if use_flash is False else "auto"
+        o = softmax_attention(qs, ks, vs, cu_seqlens=cu_seqlens, scale=scale, causal=causal, kernels=kernels)
+        o = o.index_select(1, inv)
+    else:
+        kv_index = torch.stack([cp.ulysses_token_indices(T, j, q.device) for j in range(cp.ring_degree)])
+        ring = (cp.ring_group, cp.ring_rank, cp.ring_degree, cp.ring_global_ranks)
+        o = ring_attention(
+            q, k, v, q_index, kv_index, cu_seqlens, ring, scale=scale, causal=causal, use_flash=use_flash
+        )
+    if U > 1:
+        o = heads_to_seq(o, cp.ulysses_group)
+    return o
