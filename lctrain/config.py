@@ -158,6 +158,8 @@ class TrainConfig:
     ``global_batch_size`` and ``micro_batch_size`` count sequences of ``data.seq_len`` tokens, as
     in Megatron: each optimizer step consumes ``global_batch_size`` sequences, split over the
     data-parallel ranks and ``global_batch_size / (micro_batch_size * dp)`` accumulation steps.
+    Evaluation reads the first ``eval_batches * micro_batch_size`` validation windows, shared
+    out over the data-parallel ranks, so the validation loss is the same at any world size.
     """
 
     max_steps: int = 200

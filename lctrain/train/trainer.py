@@ -273,9 +273,13 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean next-token loss on the first ``eval_batches * micro_batch_size * dp`` validation windows."""
+        """Mean next-token loss on the first ``eval_batches * micro_batch_size`` validation windows.
+
+        The window count does not depend on the data-parallel size (rank r reads windows r, r + dp,
+        ...), so validation losses of runs at different world sizes are comparable.
+        """
         t = self.cfg.train
-        n = min(len(self.val_set), t.eval_batches * t.micro_batch_size * self.dims.dp)
+        n = min(len(self.val_set), t.eval_batches * t.micro_batch_size)
         if self.ep is not None:  # every rank must run the same number of forwards (all-to-all inside)
             n -= n % self.dims.dp
         mine = list(range(self.dp_rank, n, self.dims.dp))

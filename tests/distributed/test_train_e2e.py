@@ -171,6 +171,8 @@ def test_two_ranks_match_one_and_checkpoint_reshards_to_one(small_corpus, tmp_pa
     s2 = json.loads(out_file.read_text())
     assert s2["world_size"] == 2 and s2["dp_degree"] == 2
     torch.testing.assert_close(torch.tensor(s2["losses"]), torch.tensor(ref["losses"]), rtol=0, atol=1e-5)
+    # validation reads the same windows at any data-parallel size
+    torch.testing.assert_close(torch.tensor(s2["val_history"]), torch.tensor(ref["val_history"]), rtol=0, atol=1e-5)
     ckpt = tmp_path / "dp2" / "checkpoints" / "step_00000002"
     one = train(_cfg(tmp_path / "one", small_corpus, cache, **{"train.resume": str(ckpt)}))
     assert len(one["losses"]) == 4 and one["world_size"] == 1
