@@ -14,39 +14,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lctrain.layers.dispatch import check_kernels, use_triton
 from lctrain.layers.rope import RotaryEmbedding, default_position_ids
-
-KERNEL_CHOICES = ("auto", "torch", "triton")
-
-
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _check_kernels(kernels: str, what: str) -> str:
-    """Validate a ``kernels`` choice; return it. ``triton`` needs the triton package."""
-    if kernels not in KERNEL_CHOICES:
-        raise ValueError(f"kernels={kernels!r} for {what}; allowed values are {', '.join(KERNEL_CHOICES)}")
-    if kernels == "triton" and not _triton_available():
-        raise ImportError(
-            f"kernels='triton' for {what} needs the triton package (pip install triton); "
-            f"use kernels='auto' or 'torch' (the PyTorch path runs on CPU and CUDA)"
-        )
-    return kernels
-
-
-def use_triton(kernels: str, x: torch.Tensor) -> bool:
-    """Whether ``kernels`` picks the Triton path for tensors like ``x``: always for ``"triton"``
-    (on CPU that needs ``TRITON_INTERPRET=1``), for ``"auto"`` when ``x`` is on CUDA and triton is
-    installed, never for ``"torch"``."""
-    return kernels == "triton" or (kernels == "auto" and x.is_cuda and _triton_available())
 
 
 def softmax_attention(
@@ -185,7 +160,7 @@ class Attention(nn.Module):
             head_dim,
         )
         self.kernels = kernels
-        self._impl = _check_kernels(kernels, "softmax attention")
+        check_kernels(kernels, "softmax attention")
         self.q_proj = nn.Linear(d_model, num_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=False)

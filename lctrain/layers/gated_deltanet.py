@@ -23,16 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lctrain.kernels.gated_delta_rule import (
-    chunk_gated_delta_rule,
-    chunk_gated_delta_rule_triton,
-    triton_available,
-)
+from lctrain.kernels.gated_delta_rule import chunk_gated_delta_rule, chunk_gated_delta_rule_triton
 from lctrain.layers.conv import ShortConvolution
+from lctrain.layers.dispatch import KERNEL_CHOICES, use_triton
 from lctrain.layers.norm import GatedRMSNorm
 from lctrain.layers.rope import default_position_ids
-
-KERNEL_CHOICES = ("auto", "torch", "triton")
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -180,9 +175,7 @@ class GatedDeltaNet(nn.Module):
 
     def _delta_rule_fn(self, x: torch.Tensor):
         """The chunked gated delta rule for ``self.kernels`` and x's device (see class docstring)."""
-        if self.kernels == "triton" or (
-            self.kernels == "auto" and x.is_cuda and triton_available(x.device)
-        ):
+        if use_triton(self.kernels, x):
             return chunk_gated_delta_rule_triton
         return functools.partial(chunk_gated_delta_rule, chunk_size=self.chunk_size)
 

@@ -23,10 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lctrain.kernels.lightning_attn import chunk_lightning_attn
-from lctrain.layers.attention import _check_kernels, use_triton
+from lctrain.layers.dispatch import check_kernels, use_triton
 from lctrain.layers.norm import rms_norm
-
-KERNEL_CHOICES = ("auto", "torch", "triton")
 
 
 def alibi_slopes(num_heads: int) -> list[float]:
@@ -107,9 +105,7 @@ class LightningAttention(nn.Module):
                 f"LightningAttention needs positive sizes, got d_model={d_model} num_heads={num_heads} "
                 f"head_dim={head_dim} chunk_size={chunk_size}"
             )
-        if kernels not in KERNEL_CHOICES:
-            raise ValueError(f"kernels={kernels!r} for Lightning Attention; allowed values are {', '.join(KERNEL_CHOICES)}")
-        _check_kernels(kernels, "Lightning Attention")  # triton needs the package
+        check_kernels(kernels, "Lightning Attention")
         self.d_model, self.num_heads, self.head_dim = d_model, num_heads, head_dim
         self.layer_idx, self.n_layers = layer_idx, n_layers
         self.chunk_size, self.norm_eps, self.kernels = chunk_size, norm_eps, kernels
