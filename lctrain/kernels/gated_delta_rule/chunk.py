@@ -40,18 +40,16 @@ accuracy in every decay factor (the fp64 part is O(C^2) per chunk and head, negl
 Padding: sequences are padded to a multiple of C with ``q = k = v = 0``, ``g = 0``, ``beta = 0``;
 such a token has ``new_v = 0`` and no decay, so it leaves the state unchanged.
 
-Varlen (``cu_seqlens``): every sequence is padded to a multiple of C on its own, and the chunks
-of all sequences are gathered into one [num_chunks, H, C, ...] batch, laid out step-major
-(all first chunks, then all second chunks, ...) with sequences sorted by chunk count, so the
-sequential pass at step c updates a contiguous prefix of the state batch. Backward is plain
-autograd through these torch ops.
+Varlen (``cu_seqlens``): the step-major chunk layout of ``lctrain.kernels.varlen`` (each
+sequence padded on its own; the sequential pass at step c updates a contiguous prefix of the
+state batch). Backward is plain autograd through these torch ops.
 """
 
 from __future__ import annotations
 
-import itertools
-
 import torch
+
+from lctrain.kernels.varlen import chunk_layout, gather_chunks, num_sequences
 
 __all__ = ["chunk_gated_delta_rule"]
 
@@ -81,29 +79,7 @@ def _validate(q, k, v, g, beta, initial_state, cu_seqlens, chunk_size) -> int:
             raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if cu_seqlens is None:
-        N = B
-    else:
-        if B != 1:
-            raise ValueError(
-                f"cu_seqlens requires batch size 1 (packed layout), got B={B}; flatten the batch first"
-            )
-        integer = not (
-            cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool
-        )
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or not integer:
-            raise ValueError(
-                f"cu_seqlens must be a 1-D integer tensor [N + 1] with N >= 1, got dtype {cu_seqlens.dtype} "
-                f"shape {tuple(cu_seqlens.shape)}"
-            )
-        bounds = cu_seqlens.tolist()
-        if bounds[0] != 0 or bounds[-1] != T:
-            raise ValueError(
-                f"cu_seqlens must start at 0 and end at T={T}, got first={bounds[0]} last={bounds[-1]}"
-            )
-        if any(b > e for b, e in itertools.pairwise(bounds)):
-            raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
-        N = len(bounds) - 1
+    N = num_sequences(cu_seqlens, B, T)
     V = v.shape[-1]
     if initial_state is not None and tuple(initial_state.shape) != (N, HV, K, V):
         raise ValueError(
@@ -111,45 +87,6 @@ def _validate(q, k, v, g, beta, initial_state, cu_seqlens, chunk_size) -> int:
             f"got {tuple(initial_state.shape)}"
         )
     return N
-
-
-def _chunk_layout(lengths: torch.Tensor, chunk_size: int, pad_index: int):
-    """Index maps between packed tokens and the step-major chunk layout.
-
-    Args:
-        lengths: int64 [N] sequence lengths (CPU).
-        chunk_size: C.
-        pad_index: token index that reads a row of zeros.
-
-    Returns:
-        (gather [NC, C] int64 token index per chunk slot (``pad_index`` for padding),
-         scatter [sum(lengths)] int64 flat slot of each token,
-         order [N] sequences sorted by chunk count (descending),
-         active list[int] number of live sequences at each chunk step)
-    """
-    C = chunk_size
-    N = lengths.numel()
-    starts = torch.cumsum(lengths, 0) - lengths
-    nch = (lengths + C - 1) // C
-    order = torch.sort(nch, descending=True, stable=True).indices
-    nch_s, len_s, start_s = nch[order], lengths[order], starts[order]
-    max_chunks = int(nch_s[0]) if N > 0 else 0
-    steps = torch.arange(max_chunks)
-    active_t = (nch_s[None, :] > steps[:, None]).sum(1)
-    step_offset = torch.cumsum(active_t, 0) - active_t
-    NC = int(nch_s.sum())
-    # one row per chunk, enumerated sequence-major: (rank r of its sequence, chunk index c)
-    rank = torch.repeat_interleave(torch.arange(N), nch_s)
-    c_idx = torch.arange(NC) - torch.repeat_interleave(torch.cumsum(nch_s, 0) - nch_s, nch_s)
-    slot = step_offset[c_idx] + rank  # position in the step-major layout
-    within = c_idx[:, None] * C + torch.arange(C)[None, :]  # [NC, C] offset inside the sequence
-    valid = within < len_s[rank][:, None]
-    tok = start_s[rank][:, None] + within
-    gather = torch.full((NC, C), pad_index, dtype=torch.long)
-    gather[slot] = torch.where(valid, tok, torch.full_like(tok, pad_index))
-    scatter = torch.empty(int(lengths.sum()), dtype=torch.long)
-    scatter[tok[valid]] = (slot[:, None] * C + torch.arange(C)[None, :])[valid]
-    return gather, scatter, order, active_t.tolist()
 
 
 def chunk_gated_delta_rule(
@@ -208,20 +145,11 @@ def chunk_gated_delta_rule(
         dtype = torch.promote_types(dtype, x.dtype)
     dev = q.device
 
-    if cu_seqlens is None:
-        lengths = torch.full((B,), T, dtype=torch.long)
-    else:
-        lengths = torch.diff(cu_seqlens.detach().to("cpu", torch.long))
-    gather, scatter, order, active = _chunk_layout(lengths, C, pad_index=B * T)
-    gather, scatter = gather.to(dev), scatter.to(dev)
+    gather, scatter, order, active = chunk_layout(B, T, cu_seqlens, C, dev)
     NC = gather.shape[0]
 
     def to_chunks(x: torch.Tensor) -> torch.Tensor:
-        # [B, T, H, *] -> [NC, H, C, *] with one zero row appended as the padding source
-        flat = x.reshape(B * T, *x.shape[2:]).to(dtype)
-        flat = torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])], 0)
-        out = flat[gather.reshape(-1)].reshape(NC, C, *flat.shape[1:])
-        return out.transpose(1, 2)
+        return gather_chunks(x, gather, dtype)
 
     qc, kc, vc = to_chunks(q), to_chunks(k), to_chunks(v)  # [NC, H, C, K|K|V]
     gc, bc = to_chunks(g), to_chunks(beta)  # [NC, H, C]

@@ -14,15 +14,15 @@ The powers of lambda are formed as ``exp`` of cumulative log decays inside the b
 ``-inf`` before ``exp``. Sequences are padded per sequence to a multiple of C with zero q/k/v and a
 zero log decay, so padding neither writes to nor decays the state and the final state is the
 state after the last real token. Varlen packing reuses the step-major chunk layout of the gated delta rule
-(``lctrain.kernels.gated_delta_rule.chunk._chunk_layout``). Backward is plain autograd.
+(``lctrain.kernels.varlen.chunk_layout``). Backward is plain autograd.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lctrain.kernels.gated_delta_rule.chunk import _chunk_layout
 from lctrain.kernels.lightning_attn.naive import check_slope
+from lctrain.kernels.varlen import chunk_layout, gather_chunks, num_sequences
 
 __all__ = ["chunk_lightning_attn"]
 
@@ -41,20 +41,7 @@ def _validate(q, k, v, initial_state, cu_seqlens, chunk_size) -> int:
             raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if cu_seqlens is None:
-        N = B
-    else:
-        if B != 1:
-            raise ValueError(f"cu_seqlens requires batch size 1 (packed layout), got B={B}; flatten the batch first")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
-            raise ValueError(
-                f"cu_seqlens must be a 1-D integer tensor [N + 1], got dtype {cu_seqlens.dtype} "
-                f"shape {tuple(cu_seqlens.shape)}"
-            )
-        bounds = cu_seqlens.tolist()
-        if bounds[0] != 0 or bounds[-1] != T or any(b > e for b, e in zip(bounds[:-1], bounds[1:])):
-            raise ValueError(f"cu_seqlens must be non-decreasing from 0 to T={T}, got {bounds}")
-        N = len(bounds) - 1
+    N = num_sequences(cu_seqlens, B, T)
     V = v.shape[-1]
     if initial_state is not None and tuple(initial_state.shape) != (N, H, K, V):
         raise ValueError(
@@ -113,18 +100,11 @@ def chunk_lightning_attn(
         dtype = torch.promote_types(dtype, x.dtype)
     dev = q.device
 
-    if cu_seqlens is None:
-        lengths = torch.full((B,), T, dtype=torch.long)
-    else:
-        lengths = torch.diff(cu_seqlens.detach().to("cpu", torch.long))
-    gather, scatter, order, active = _chunk_layout(lengths, C, pad_index=B * T)
-    gather, scatter = gather.to(dev), scatter.to(dev)
+    gather, scatter, order, active = chunk_layout(B, T, cu_seqlens, C, dev)
     NC = gather.shape[0]
 
     def to_chunks(x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(B * T, *x.shape[2:]).to(dtype)
-        flat = torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])], 0)
-        return flat[gather.reshape(-1)].reshape(NC, C, *flat.shape[1:]).transpose(1, 2)
+        return gather_chunks(x, gather, dtype)
 
     qc, kc, vc = to_chunks(q), to_chunks(k), to_chunks(v)  # [NC, H, C, K|K|V]
     # per-token log decay -slope for real tokens, 0 for padding (padding neither writes nor decays)
