@@ -53,3 +53,18 @@ def tiny_overrides(out_dir: Path, corpus: Path, cache_dir: Path, **extra) -> lis
     }
     items.update(extra)
     return ["recipe=hybrid_gdn_3to1"] + [f"{k}={v}" for k, v in items.items()]
+
+
+def fit_worker(rank: int, world: int, port: int, args: list[str], out_file: str) -> None:
+    """Spawned gloo rank: run ``Trainer(load_config(args)).fit()``; rank 0 writes the summary JSON."""
+    from lctrain.config import load_config
+    from lctrain.train.trainer import Trainer
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    summary = Trainer(load_config(args)).fit()
+    if rank == 0:
+        Path(out_file).write_text(json.dumps(summary))
+    torch.distributed.destroy_process_group()

@@ -7,7 +7,7 @@
   Covers experts (and a whole EP rank) that receive no token, capacity dropping and shared experts,
   the EP-aware global gradient norm, and an ep=2 DCP checkpoint (expert weights and AdamW moments
   as DTensor shards) loaded into one process (``torch.equal`` with what each EP rank held).
-* Trainer (slow): 2 ranks with ``parallel.ep_degree=2`` (and 4 ranks with cp=2 x ep=2) reproduce the 1-rank per-step losses (|diff| < 1e-4)
+* Trainer: 2 ranks with ``parallel.ep_degree=2`` (and 4 ranks with cp=2 x ep=2) reproduce the 1-rank per-step losses (|diff| < 1e-4)
   of ``recipe=hybrid_gdn_3to1_moe``; their step-2 checkpoint (expert weights stored as DTensor
   shards) resumes in 1 process and reproduces the remaining losses.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -35,7 +34,7 @@ from lctrain.parallel.expert import (
 )
 from lctrain.train.checkpoint import load_checkpoint, save_checkpoint
 from lctrain.train.optim import build_optimizer
-from tests.conftest import free_port, tiny_overrides
+from tests.conftest import fit_worker, free_port, tiny_overrides
 
 pytestmark = pytest.mark.distributed
 
@@ -157,19 +156,6 @@ def _moe_args(out: Path, corpus: Path, cache: Path, **extra) -> list[str]:
     return ["recipe=hybrid_gdn_3to1_moe"] + args[1:]
 
 
-def _fit_worker(rank: int, world: int, port: int, args: list[str], out_file: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
-    )
-    from lctrain.train.trainer import Trainer
-
-    torch.set_num_threads(1)
-    summary = Trainer(load_config(args)).fit()
-    if rank == 0:
-        Path(out_file).write_text(json.dumps(summary))
-    dist.destroy_process_group()
-
-
 def test_ep2_training_matches_one_rank_and_checkpoint_reshards_to_ep1(small_corpus, tmp_path):
     from lctrain.train.trainer import train  # imported here: the spawned layer workers skip the data stack
 
@@ -180,7 +166,7 @@ def test_ep2_training_matches_one_rank_and_checkpoint_reshards_to_ep1(small_corp
 
     out_file = tmp_path / "ep2.json"
     args = _moe_args(tmp_path / "ep2", small_corpus, cache, **{"parallel.ep_degree": 2})
-    mp.start_processes(_fit_worker, args=(2, free_port(), args, str(out_file)), nprocs=2, start_method="spawn")
+    mp.start_processes(fit_worker, args=(2, free_port(), args, str(out_file)), nprocs=2, start_method="spawn")
     s2 = json.loads(out_file.read_text())
     assert s2["world_size"] == 2 and s2["ep_degree"] == 2
     torch.testing.assert_close(torch.tensor(s2["losses"]), torch.tensor(ref["losses"]), rtol=0, atol=1e-4)
@@ -207,7 +193,7 @@ def test_cp2_ep2_four_ranks_match_one_rank(small_corpus, tmp_path):
     ref = train(load_config(_moe_args(tmp_path / "one", small_corpus, cache)))
     out_file = tmp_path / "cp2ep2.json"
     args = _moe_args(tmp_path / "cp2ep2", small_corpus, cache, **{"parallel.cp_degree": 2, "parallel.ep_degree": 2})
-    mp.start_processes(_fit_worker, args=(4, free_port(), args, str(out_file)), nprocs=4, start_method="spawn")
+    mp.start_processes(fit_worker, args=(4, free_port(), args, str(out_file)), nprocs=4, start_method="spawn")
     s = json.loads(out_file.read_text())
     assert (s["world_size"], s["dp_degree"], s["cp_degree"], s["ep_degree"]) == (4, 2, 2, 2)
     torch.testing.assert_close(torch.tensor(s["losses"]), torch.tensor(ref["losses"]), rtol=0, atol=1e-4)

@@ -25,8 +25,7 @@ import torch.multiprocessing as mp
 from lctrain.cluster.ray import PID_DIR, STATUS_FILE, main
 from lctrain.config import load_config
 from lctrain.data import build_data
-from lctrain.train.trainer import Trainer
-from tests.conftest import REPO, free_port, tiny_overrides
+from tests.conftest import REPO, fit_worker, free_port, tiny_overrides
 
 pytestmark = pytest.mark.distributed
 
@@ -66,17 +65,6 @@ def ray_address():
         _ray_cli("stop", "--force")
 
 
-def _fit_worker(rank: int, world: int, port: int, args: list[str], out_file: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
-    )
-    torch.set_num_threads(1)
-    summary = Trainer(load_config(args)).fit()
-    if rank == 0:
-        Path(out_file).write_text(json.dumps(summary))
-    torch.distributed.destroy_process_group()
-
-
 def _warm_data_cache(args: list[str]) -> None:
     """Build tokenizer and token caches once here, so the reference and the Ray workers only read them."""
     cfg = load_config(args)
@@ -84,7 +72,7 @@ def _warm_data_cache(args: list[str]) -> None:
 
 
 def _spawned_two_ranks(args: list[str], out_file: Path) -> dict:
-    mp.start_processes(_fit_worker, args=(2, free_port(), args, str(out_file)), nprocs=2, start_method="spawn")
+    mp.start_processes(fit_worker, args=(2, free_port(), args, str(out_file)), nprocs=2, start_method="spawn")
     return json.loads(out_file.read_text())
 
 

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from lctrain.config import load_config
 from lctrain.train.checkpoint import find_latest_checkpoint
 from lctrain.train.trainer import NonFiniteLossError, Trainer, train
-from tests.conftest import REPO, free_port, tiny_overrides
+from tests.conftest import REPO, fit_worker, free_port, tiny_overrides
 
 pytestmark = pytest.mark.distributed
 
@@ -151,23 +151,12 @@ def test_torchrun_two_ranks_match_one_and_reshard(small_corpus, tmp_path, refere
     torch.testing.assert_close(torch.tensor(one["losses"]), torch.tensor(s2["losses"]), rtol=0, atol=1e-5)
 
 
-def _fit_worker(rank: int, world: int, port: int, args: list[str], out_file: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
-    )
-    torch.set_num_threads(1)
-    summary = Trainer(load_config(args)).fit()
-    if rank == 0:
-        Path(out_file).write_text(json.dumps(summary))
-    torch.distributed.destroy_process_group()
-
-
 def test_two_ranks_match_one_and_checkpoint_reshards_to_one(small_corpus, tmp_path, reference_run):
     """2 DDP ranks reproduce the 1-rank losses; their step-2 DCP checkpoint resumes in 1 process."""
     _, cache, ref = reference_run
     out_file = tmp_path / "summary2.json"
     args = tiny_overrides(tmp_path / "dp2", small_corpus, cache)
-    mp.start_processes(_fit_worker, args=(2, free_port(), args, str(out_file)), nprocs=2, start_method="spawn")
+    mp.start_processes(fit_worker, args=(2, free_port(), args, str(out_file)), nprocs=2, start_method="spawn")
     s2 = json.loads(out_file.read_text())
     assert s2["world_size"] == 2 and s2["dp_degree"] == 2
     torch.testing.assert_close(torch.tensor(s2["losses"]), torch.tensor(ref["losses"]), rtol=0, atol=1e-5)
