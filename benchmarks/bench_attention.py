@@ -179,7 +179,7 @@ def run_cuda(seqlens, H=16, D=128, B=1):
 def run_cpu(seqlens, H=4, D=64, B=1):
     from lctrain.kernels.flash_attn import naive_attention
     from lctrain.kernels.lightning_attn import chunk_lightning_attn, naive_recurrent_lightning_attn
-    from lctrain.layers.attention import softmax_attention
+    from lctrain.kernels.softmax_attn import softmax_attention
 
     rows = []
     slope = torch.linspace(0.01, 0.5, H)

@@ -60,13 +60,16 @@ def _saved_bytes(fn, params: set[int]) -> tuple[int, object]:
 
 def _model_and_batch(args, T: int):
     from lctrain.config import ModelConfig
+    from lctrain.layers import AttentionConfig, GatedDeltaNetConfig, LightningConfig
     from lctrain.models import HybridLM
 
     torch.manual_seed(0)
+    dh = args.d_model // args.heads
     cfg = ModelConfig(
         vocab_size=args.vocab, d_model=args.d_model, n_layers=len(args.pattern), layer_pattern=args.pattern,
-        num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.d_model // args.heads,
-        gdn_num_heads=args.heads, gdn_head_dim=args.d_model // args.heads, chunk_size=64,
+        attn=AttentionConfig(num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=dh),
+        gdn=GatedDeltaNetConfig(num_heads=args.heads, head_dim=dh, chunk_size=64),
+        lightning=LightningConfig(num_heads=args.heads, head_dim=dh, chunk_size=64),
     )
     model = HybridLM(cfg)
     ids = torch.randint(0, args.vocab, (1, T), generator=torch.Generator().manual_seed(1))
@@ -78,6 +81,7 @@ def _model_and_batch(args, T: int):
 
 
 def _measure(args, rank: int, P: int) -> dict:
+    from lctrain.kernels.varlen import default_position_ids
     from lctrain.parallel.context import apply_context_parallel, build_context_parallel, shard_sequence
 
     res = {}
@@ -85,11 +89,13 @@ def _measure(args, rank: int, P: int) -> dict:
     for T in (args.seq_len // 2, args.seq_len):
         model, ids, cu = _model_and_batch(args, T)
         apply_context_parallel(model, cp)
+        pos = default_position_ids(1, T, cu)
         local = shard_sequence(ids, P, rank) if cp is not None else ids
+        local_pos = shard_sequence(pos, P, rank) if cp is not None else pos
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
-        def step(model=model, local=local, cu=cu):
-            logits = model(local, cu_seqlens=cu)
+        def step(model=model, local=local, local_pos=local_pos, cu=cu):
+            logits = model(local, position_ids=local_pos, cu_seqlens=cu)
             return logits.float().logsumexp(-1).mean()
 
         saved, loss = _saved_bytes(step, params)
@@ -101,7 +107,7 @@ def _measure(args, rank: int, P: int) -> dict:
         if cp is not None:
             dist.barrier()
         t0 = time.perf_counter()
-        model(local, cu_seqlens=cu).float().logsumexp(-1).mean().backward()
+        model(local, position_ids=local_pos, cu_seqlens=cu).float().logsumexp(-1).mean().backward()
         if cp is not None:
             dist.barrier()
         if i >= args.warmup:

@@ -64,8 +64,9 @@ def main() -> None:
         data = corpus(root / "corpus.jsonl")
         for name, variant in VARIANTS.items():
             items = {
-                "model.vocab_size": 1024, "model.d_model": 64, "model.n_layers": 4, "model.num_heads": 2,
-                "model.num_kv_heads": 1, "model.head_dim": 32, "model.gdn_num_heads": 2, "model.gdn_head_dim": 32,
+                "model.vocab_size": 1024, "model.d_model": 64, "model.n_layers": 4, "model.attn.num_heads": 2,
+                "model.attn.num_kv_heads": 1, "model.attn.head_dim": 32, "model.gdn.num_heads": 2,
+                "model.gdn.head_dim": 32,
                 "model.moe.num_experts": 8, "model.moe.top_k": 2, "model.moe.ffn_hidden_size": 64,
                 "model.moe.num_shared_experts": 0,
                 "data.path": str(data), "data.seq_len": 128, "data.cache_dir": str(root / "cache"),

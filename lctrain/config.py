@@ -22,52 +22,34 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lctrain.errors import ConfigError
+from lctrain.layers.attention import AttentionConfig
+from lctrain.layers.gated_deltanet import GatedDeltaNetConfig
+from lctrain.layers.lightning import LightningConfig
+from lctrain.layers.moe import MoEConfig, moe_layer_indices
+from lctrain.layers.registry import MIXERS, describe_mixers, mixer_config
+
+__all__ = [
+    "ConfigError", "DataConfig", "ModelConfig", "MoEConfig", "OptimConfig", "ParallelConfig", "RunConfig",
+    "TrainConfig", "available_recipes", "available_scales", "check_cp_layout", "load_config", "moe_layer_indices",
+    "to_dict", "to_yaml", "validate",
+]
+
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-
-
-class ConfigError(ValueError):
-    """A recipe or override is invalid; the message names the key and what is allowed."""
-
-
-@dataclass
-class MoEConfig:
-    """Mixture-of-experts FFN (``lctrain.layers.moe.MoE``); ``num_experts = 0`` keeps every FFN dense.
-
-    ``score_func``: ``softmax`` (over all experts) or ``sigmoid`` (per expert, DeepSeek-V3).
-    ``norm_topk_prob``: renormalise the ``top_k`` selected scores to sum to 1 (Mixtral/Qwen-MoE
-    "top-k then renormalise"); false keeps the raw scores ("softmax then top-k", Switch/GShard).
-    ``ffn_hidden_size``: per-expert SwiGLU width (0: ``model.ffn_hidden_size`` default / ``top_k``,
-    rounded up to a multiple of 64). ``num_shared_experts`` always-on experts of the same width.
-    ``aux_loss_coeff``: Switch load-balancing loss; ``z_loss_coeff``: ST-MoE router z-loss;
-    ``bias_update_rate``: DeepSeek-V3 aux-loss-free balancing (0 = off). ``capacity_factor``: 0 =
-    dropless, else each expert takes ``ceil(capacity_factor * tokens * top_k / num_experts)`` slots.
-    ``layers``: which blocks get an MoE FFN: ``all``, ``every_other`` (blocks 1, 3, ...),
-    ``every_<n>`` (blocks n-1, 2n-1, ...) or a comma list of block indices (``"0,2"``).
-    ``expert_impl``: ``auto`` (torch ``_grouped_mm`` where supported, else Triton on CUDA, else
-    ``loop``), ``grouped``, ``loop`` (sorted-segment loop) or ``triton`` (lctrain.kernels.moe).
-    """
-
-    num_experts: int = 0
-    top_k: int = 2
-    score_func: str = "softmax"
-    norm_topk_prob: bool = True
-    ffn_hidden_size: int = 0
-    num_shared_experts: int = 0
-    aux_loss_coeff: float = 0.01
-    z_loss_coeff: float = 0.001
-    bias_update_rate: float = 0.0
-    capacity_factor: float = 0.0
-    layers: str = "all"
-    expert_impl: str = "auto"
 
 
 @dataclass
 class ModelConfig:
-    """Model shape. ``layer_pattern`` letters: ``G`` Gated DeltaNet, ``A`` full softmax attention,
-    ``L`` Lightning Attention (uses ``num_heads`` x ``head_dim``, no KV grouping).
+    """Model shape: shared keys plus one section per token mixer.
 
-    The pattern is tiled to ``n_layers`` (``GGGA`` with 8 layers -> ``GGGAGGGA``); ``n_layers``
-    must be a multiple of the pattern length.
+    ``layer_pattern`` letters name registered mixers (:mod:`lctrain.layers.registry`): ``G``
+    Gated DeltaNet (section ``gdn``), ``A`` softmax attention (``attn``), ``L`` Lightning
+    Attention (``lightning``). The pattern is tiled to ``n_layers`` (``GGGA`` with 8 layers ->
+    ``GGGAGGGA``); ``n_layers`` must be a multiple of the pattern length. ``moe`` turns the FFNs
+    of chosen blocks into mixtures of experts. ``ffn_hidden_size = 0`` means round(8/3 *
+    d_model) up to a multiple of 64. ``kernels``: compute path of every op (``auto`` picks Triton
+    on CUDA and torch elsewhere). ``activation_checkpointing``: recompute each block in backward
+    (applied from outside by the parallel package's ``parallelize()``).
     """
 
     vocab_size: int = 4096
@@ -77,24 +59,29 @@ class ModelConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
     init_std: float = 0.02
-    # softmax attention (A layers)
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int = 64
-    rope_theta: float = 10000.0
-    attn_output_gate: bool = True
-    # Gated DeltaNet (G layers)
-    gdn_num_heads: int = 4
-    gdn_head_dim: int = 64
-    gdn_expand_v: float = 1.0
-    conv_size: int = 4
-    chunk_size: int = 64
-    # SwiGLU FFN; 0 means round(8/3 * d_model) up to a multiple of 64
     ffn_hidden_size: int = 0
-    # compute path of the kernels: auto picks Triton on CUDA and torch elsewhere
     kernels: str = "auto"
     activation_checkpointing: bool = False
+    attn: AttentionConfig = field(default_factory=AttentionConfig)
+    gdn: GatedDeltaNetConfig = field(default_factory=GatedDeltaNetConfig)
+    lightning: LightningConfig = field(default_factory=LightningConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+
+
+# Flat model keys of lctrain <= 0.1 and where each lives now (a recipe or override using one fails
+# with this message instead of a bare "unknown key").
+RENAMED_KEYS: dict[str, str] = {
+    "model.num_heads": "model.attn.num_heads (and model.lightning.num_heads for L layers)",
+    "model.num_kv_heads": "model.attn.num_kv_heads",
+    "model.head_dim": "model.attn.head_dim (and model.lightning.head_dim for L layers)",
+    "model.rope_theta": "model.attn.rope_theta",
+    "model.attn_output_gate": "model.attn.output_gate",
+    "model.gdn_num_heads": "model.gdn.num_heads",
+    "model.gdn_head_dim": "model.gdn.head_dim",
+    "model.gdn_expand_v": "model.gdn.expand_v",
+    "model.conv_size": "model.gdn.conv_size",
+    "model.chunk_size": "model.gdn.chunk_size (and model.lightning.chunk_size for L layers)",
+}
 
 
 @dataclass
@@ -201,11 +188,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.fused": ("auto", "true", "false"),
     "train.dtype": ("auto", "fp32", "bf16"),
     "train.nan_policy": ("stop", "skip"),
-    "model.moe.score_func": ("softmax", "sigmoid"),
-    "model.moe.expert_impl": ("auto", "grouped", "loop", "triton"),
 }
 
-LAYER_TYPES = {"G": "Gated DeltaNet", "A": "softmax attention", "L": "Lightning Attention"}
+CP_IMPLS = ("ring", "ulysses", "usp")
 
 
 def available_recipes(recipes_dir: Path = RECIPES_DIR) -> list[str]:
@@ -242,6 +227,8 @@ def _section_keys(section: str) -> list[str]:
 def _friendly(err: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(err, "full_key", "") or ""
     msg = getattr(err, "msg", str(err)).split("\n")[0]
+    if key in RENAMED_KEYS:
+        return ConfigError(f"'{key}' in {source} was renamed: use {RENAMED_KEYS[key]}")
     if "not in" in msg or "Key '" in msg and "not" in msg:
         section = key.rsplit(".", 1)[0] if "." in key else ""
         allowed = ", ".join(_section_keys(section))
@@ -334,8 +321,69 @@ def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"invalid {key}={value!r}: {allowed}")
 
 
+def check_cp_layout(cp_degree: int, cp_impl: str, ulysses_degree: int, seq_len: int | None = None) -> int:
+    """Check the mixer-independent part of a context-parallel layout; return the Ulysses degree ``U``.
+
+    Args:
+        cp_degree: P.
+        cp_impl: ``ring`` (U = 1) | ``ulysses`` (U = P) | ``usp`` (U = ``ulysses_degree``).
+        ulysses_degree: ``parallel.ulysses_degree``.
+        seq_len: tokens of one sequence (must split into ``2P`` zigzag chunks).
+
+    Raises:
+        ConfigError: the message names the key to change and a value that works.
+    """
+    if cp_impl not in CP_IMPLS:
+        raise ConfigError(f"parallel.cp_impl={cp_impl!r}: allowed values are {', '.join(CP_IMPLS)}")
+    P = cp_degree
+    if cp_impl == "ring":
+        U = 1
+    elif cp_impl == "ulysses":
+        if ulysses_degree not in (1, P):
+            raise ConfigError(
+                f"parallel.cp_impl=ulysses uses all parallel.cp_degree={P} ranks for the all-to-all; "
+                f"leave parallel.ulysses_degree=1 (or {P}), or use parallel.cp_impl=usp for a 2-D split"
+            )
+        U = P
+    else:
+        U = ulysses_degree
+        if P % U:
+            divisors = [d for d in range(1, P + 1) if P % d == 0]
+            raise ConfigError(
+                f"parallel.ulysses_degree={U} must divide parallel.cp_degree={P} (cp_impl=usp: Ulysses inside, "
+                f"ring across); choose one of {divisors}"
+            )
+    if seq_len is not None and P > 1 and seq_len % (2 * P):
+        raise ConfigError(
+            f"data.seq_len={seq_len} must be a multiple of 2 x parallel.cp_degree = {2 * P} (zigzag load balancing "
+            f"cuts each sequence into {2 * P} chunks); e.g. data.seq_len={2 * P * max(1, round(seq_len / (2 * P)))}"
+        )
+    return U
+
+
+def check_mixers_context_parallel(m: ModelConfig, cp_degree: int, cp_impl: str, ulysses_degree: int,
+                                  seq_len: int) -> None:
+    """Layout checks of every mixer in ``m.layer_pattern`` (their ``check_context_parallel`` hooks).
+
+    Raises:
+        ConfigError: from :func:`check_cp_layout` or a mixer section's hook.
+    """
+    U = check_cp_layout(cp_degree, cp_impl, ulysses_degree, seq_len)
+    for letter in dict.fromkeys(m.layer_pattern):
+        spec = MIXERS[letter]
+        section = mixer_config(m, spec)
+        hook = getattr(section, "check_context_parallel", None)
+        if hook is not None:
+            hook(cp_degree=cp_degree, cp_impl=cp_impl, ulysses_degree=U, seq_len=seq_len,
+                 prefix=f"model.{spec.section}")
+
+
 def validate(cfg: RunConfig) -> None:
-    """Check values types cannot express; raise :class:`ConfigError` naming the key and allowed values."""
+    """Check values types cannot express; raise :class:`ConfigError` naming the key and allowed values.
+
+    Shared keys are checked here; each mixer section used by ``model.layer_pattern`` (and
+    ``model.moe``) by its own ``validate`` next to its layer.
+    """
     for key, choices in CHOICES.items():
         *path, name = key.split(".")
         obj = cfg
@@ -346,30 +394,24 @@ def validate(cfg: RunConfig) -> None:
     m, d, p, o, t = cfg.model, cfg.data, cfg.parallel, cfg.optim, cfg.train
     for key, value in [
         ("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model), ("model.n_layers", m.n_layers),
-        ("model.num_heads", m.num_heads), ("model.num_kv_heads", m.num_kv_heads), ("model.head_dim", m.head_dim),
-        ("model.gdn_num_heads", m.gdn_num_heads), ("model.gdn_head_dim", m.gdn_head_dim),
-        ("model.conv_size", m.conv_size), ("model.chunk_size", m.chunk_size), ("data.seq_len", d.seq_len),
+        ("data.seq_len", d.seq_len),
         ("train.max_steps", t.max_steps), ("train.global_batch_size", t.global_batch_size),
         ("train.micro_batch_size", t.micro_batch_size), ("train.keep_last", t.keep_last),
         ("train.log_every", t.log_every), ("parallel.cp_degree", p.cp_degree),
         ("parallel.ulysses_degree", p.ulysses_degree), ("parallel.ep_degree", p.ep_degree),
     ]:
         _require(value >= 1, key, value, "must be a positive integer")
-    bad = sorted(set(m.layer_pattern) - set(LAYER_TYPES))
-    _require(
-        bool(m.layer_pattern) and not bad, "model.layer_pattern", m.layer_pattern,
-        "letters allowed: " + ", ".join(f"{k} ({v})" for k, v in LAYER_TYPES.items()),
-    )
+    bad = sorted(set(m.layer_pattern) - set(MIXERS))
+    _require(bool(m.layer_pattern) and not bad, "model.layer_pattern", m.layer_pattern,
+             "letters allowed: " + describe_mixers())
     _require(
         m.n_layers % len(m.layer_pattern) == 0, "model.n_layers", m.n_layers,
         f"must be a multiple of len(model.layer_pattern)={len(m.layer_pattern)} ('{m.layer_pattern}')",
     )
-    _require(
-        m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads,
-        f"must divide model.num_heads={m.num_heads}",
-    )
-    _require(m.gdn_expand_v > 0 and float(m.gdn_head_dim * m.gdn_expand_v).is_integer(), "model.gdn_expand_v",
-             m.gdn_expand_v, "must be > 0 with gdn_head_dim * gdn_expand_v an integer")
+    for letter in dict.fromkeys(m.layer_pattern):  # each mixer section in use, validated by its layer
+        spec = MIXERS[letter]
+        mixer_config(m, spec).validate(prefix=f"model.{spec.section}")
+    m.moe.validate(m.n_layers)
     _require(m.ffn_hidden_size >= 0, "model.ffn_hidden_size", m.ffn_hidden_size, "must be >= 0 (0 = 8/3 d_model)")
     _require(0.0 <= d.val_fraction < 0.5, "data.val_fraction", d.val_fraction, "must be in [0, 0.5)")
     _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
@@ -385,13 +427,7 @@ def validate(cfg: RunConfig) -> None:
     _require(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0 = only at the end)")
     _require(p.dp_degree == -1 or p.dp_degree >= 1, "parallel.dp_degree", p.dp_degree, "must be -1 (auto) or >= 1")
     if p.cp_degree > 1 or p.ulysses_degree > 1:  # zigzag chunks, Ulysses head split, conv halo
-        from lctrain.parallel.context.handle import check_cp_layout
-
-        check_cp_layout(
-            p.cp_degree, p.cp_impl, p.ulysses_degree, d.seq_len,
-            m.num_heads if "A" in m.layer_pattern else None, m.num_kv_heads, m.conv_size,
-        )
-    _validate_moe(m)
+        check_mixers_context_parallel(m, p.cp_degree, p.cp_impl, p.ulysses_degree, d.seq_len)
     if p.ep_degree > 1:
         _require(m.moe.num_experts > 0, "parallel.ep_degree", p.ep_degree,
                  "expert parallelism needs an MoE model: set model.moe.num_experts > 0 or parallel.ep_degree=1")
@@ -399,52 +435,9 @@ def validate(cfg: RunConfig) -> None:
                  f"must divide model.moe.num_experts={m.moe.num_experts} (each EP rank holds num_experts / "
                  f"ep_degree experts); pick ep_degree among "
                  f"{[d for d in range(1, m.moe.num_experts + 1) if m.moe.num_experts % d == 0]}")
-
-
-def _validate_moe(m: ModelConfig) -> None:
-    e = m.moe
-    _require(e.num_experts >= 0, "model.moe.num_experts", e.num_experts, "must be >= 0 (0 = dense FFN everywhere)")
-    if e.num_experts == 0:
-        return
-    _require(1 <= e.top_k <= e.num_experts, "model.moe.top_k", e.top_k,
-             f"must be in [1, model.moe.num_experts={e.num_experts}]")
-    _require(e.ffn_hidden_size >= 0, "model.moe.ffn_hidden_size", e.ffn_hidden_size, "must be >= 0 (0 = default)")
-    _require(e.num_shared_experts >= 0, "model.moe.num_shared_experts", e.num_shared_experts, "must be >= 0")
-    for key, value in (("aux_loss_coeff", e.aux_loss_coeff), ("z_loss_coeff", e.z_loss_coeff),
-                       ("bias_update_rate", e.bias_update_rate)):
-        _require(value >= 0, f"model.moe.{key}", value, "must be >= 0 (0 disables it)")
-    _require(e.capacity_factor == 0 or e.capacity_factor > 0, "model.moe.capacity_factor", e.capacity_factor,
-             "must be 0 (dropless) or > 0")
-    try:
-        moe_layer_indices(e.layers, m.n_layers)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-
-
-def moe_layer_indices(layers: str, n_layers: int) -> list[int]:
-    """Block indices that get an MoE FFN for ``model.moe.layers`` (see :class:`MoEConfig`).
-
-    Raises:
-        ValueError: an unknown form or an index outside ``[0, n_layers)``; the message names the forms.
-    """
-    spec = str(layers).strip().replace(" ", "")
-    allowed = "allowed: all, every_other, every_<n> (n >= 1), or a comma list of block indices like \"0,2\""
-    if spec == "all":
-        return list(range(n_layers))
-    if spec == "every_other":
-        spec = "every_2"
-    if spec.startswith("every_"):
-        n = spec[len("every_"):]
-        if not n.isdigit() or int(n) < 1:
-            raise ValueError(f"invalid model.moe.layers={layers!r}: {allowed}")
-        return [i for i in range(n_layers) if i % int(n) == int(n) - 1]
-    parts = [x for x in spec.split(",") if x]
-    if not parts or not all(x.isdigit() for x in parts):
-        raise ValueError(f"invalid model.moe.layers={layers!r}: {allowed}")
-    idx = sorted({int(x) for x in parts})
-    if idx[-1] >= n_layers:
-        raise ValueError(f"invalid model.moe.layers={layers!r}: block index {idx[-1]} >= model.n_layers={n_layers}")
-    return idx
+        _require(p.dp_impl == "ddp", "parallel.dp_impl", p.dp_impl,
+                 f"parallel.ep_degree={p.ep_degree} needs parallel.dp_impl=ddp (expert weights are excluded from DDP "
+                 f"and reduced over their expert-data-parallel group); FSDP with EP is not supported yet")
 
 
 def to_dict(cfg: RunConfig) -> dict:

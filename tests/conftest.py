@@ -44,8 +44,9 @@ def small_corpus(tmp_path_factory) -> Path:
 def tiny_overrides(out_dir: Path, corpus: Path, cache_dir: Path, **extra) -> list[str]:
     """Overrides for a seconds-long hybrid run on ``corpus`` (4 layers GGGA, d_model 64)."""
     items = {
-        "model.vocab_size": 512, "model.d_model": 64, "model.n_layers": 4, "model.num_heads": 2,
-        "model.num_kv_heads": 1, "model.head_dim": 32, "model.gdn_num_heads": 2, "model.gdn_head_dim": 32,
+        "model.vocab_size": 512, "model.d_model": 64, "model.n_layers": 4, "model.attn.num_heads": 2,
+        "model.attn.num_kv_heads": 1, "model.attn.head_dim": 32, "model.gdn.num_heads": 2, "model.gdn.head_dim": 32,
+        "model.lightning.num_heads": 2, "model.lightning.head_dim": 32,
         "data.path": str(corpus), "data.seq_len": 64, "data.cache_dir": str(cache_dir), "data.val_fraction": 0.1,
         "train.out_dir": str(out_dir), "train.max_steps": 4, "train.global_batch_size": 8,
         "train.micro_batch_size": 2, "train.checkpoint_every": 2, "train.eval_every": 2, "train.eval_batches": 1,

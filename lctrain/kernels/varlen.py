@@ -1,4 +1,4 @@
-"""Packed variable-length sequences for the chunked kernels: ``cu_seqlens`` checks and the
+"""Packed variable-length sequences: the ``cu_seqlens`` check, positions within documents, and the
 step-major chunk layout shared by the gated delta rule and Lightning Attention torch paths.
 
 Every sequence is padded to a multiple of the chunk size C on its own, and the chunks of all
@@ -14,29 +14,100 @@ import itertools
 import torch
 
 
+def check_cu_seqlens(
+    cu_seqlens: torch.Tensor, total_len: int | None = None, batch_size: int | None = None
+) -> int:
+    """Validate the boundaries of a packed batch; return the number of sequences N.
+
+    This is the one ``cu_seqlens`` check of lctrain: kernels, layers and the model call it.
+
+    Args:
+        cu_seqlens: int32 (or int64) [N + 1], ``cu_seqlens[0] == 0``, non-decreasing; sequence
+            ``n`` spans tokens ``cu_seqlens[n]:cu_seqlens[n+1]`` (empty sequences allowed).
+        total_len: the packed length T, checked against ``cu_seqlens[-1]`` when given.
+        batch_size: B of the batch the boundaries describe, when known; must be 1 (packed layout).
+
+    Raises:
+        ValueError: B != 1; not a 1-D integer tensor [N + 1] with N >= 1; first entry not 0;
+            decreasing entries; last entry different from ``total_len``.
+    """
+    if batch_size is not None and batch_size != 1:
+        raise ValueError(
+            f"cu_seqlens requires the packed layout with batch size 1 ([1, T], documents end to end), "
+            f"got B={batch_size}; flatten the batch first"
+        )
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be an integer tensor (int32), got {cu_seqlens.dtype}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
+    if any(b > e for b, e in itertools.pairwise(bounds)):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
+    if total_len is not None and bounds[-1] != total_len:
+        raise ValueError(
+            f"cu_seqlens[-1]={bounds[-1]} must equal the packed length T={total_len} "
+            f"(the batch is [1, T] with the documents laid end to end)"
+        )
+    return len(bounds) - 1
+
+
 def num_sequences(cu_seqlens: torch.Tensor | None, B: int, T: int) -> int:
     """Number of sequences N of a [B, T, ...] kernel input: B, or ``len(cu_seqlens) - 1``.
 
     Raises:
-        ValueError: ``cu_seqlens`` with B != 1, not a 1-D integer tensor [N + 1] with N >= 1, not
-            starting at 0 and ending at T, or decreasing.
+        ValueError: see :func:`check_cu_seqlens`.
     """
     if cu_seqlens is None:
         return B
-    if B != 1:
-        raise ValueError(f"cu_seqlens requires batch size 1 (packed layout), got B={B}; flatten the batch first")
-    integer = not (cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool)
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or not integer:
-        raise ValueError(
-            f"cu_seqlens must be a 1-D integer tensor [N + 1] with N >= 1, got dtype {cu_seqlens.dtype} "
-            f"shape {tuple(cu_seqlens.shape)}"
-        )
-    bounds = cu_seqlens.tolist()
-    if bounds[0] != 0 or bounds[-1] != T:
-        raise ValueError(f"cu_seqlens must start at 0 and end at T={T}, got first={bounds[0]} last={bounds[-1]}")
-    if any(b > e for b, e in itertools.pairwise(bounds)):
-        raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
-    return len(bounds) - 1
+    return check_cu_seqlens(cu_seqlens, T, B)
+
+
+def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total_len: int | None = None) -> torch.Tensor:
+    """Position of every token within its document, for a packed batch.
+
+    Args:
+        cu_seqlens: int32 (or int64) [N + 1], non-decreasing, ``cu_seqlens[0] == 0``;
+            document ``n`` spans tokens ``cu_seqlens[n]:cu_seqlens[n+1]``.
+        total_len: expected packed length T (checked against ``cu_seqlens[-1]`` when given).
+
+    Returns:
+        int64 [1, T] with ``pos[0, t] = t - cu_seqlens[n]`` for the document ``n`` containing ``t``.
+
+    Raises:
+        ValueError: ``cu_seqlens`` is not 1-D, does not start at 0, decreases, or does not end at
+            ``total_len``.
+    """
+    check_cu_seqlens(cu_seqlens, total_len)
+    T = int(cu_seqlens[-1])
+    cu = cu_seqlens.to(torch.long)
+    t = torch.arange(T, device=cu_seqlens.device)
+    # index of the document holding each token; right=True sends boundary tokens to the new document
+    doc = torch.searchsorted(cu[1:], t, right=True)
+    return (t - cu[doc]).unsqueeze(0)
+
+
+def default_position_ids(
+    batch_size: int, seq_len: int, cu_seqlens: torch.Tensor | None, device: torch.device | None = None
+) -> torch.Tensor:
+    """Positions to use when the caller gave none.
+
+    Args:
+        batch_size, seq_len: B and T of the batch.
+        cu_seqlens: int32 [N + 1] boundaries of a packed batch (requires B == 1), or None.
+        device: where to build the result.
+
+    Returns:
+        int64 [B, T]: positions within documents of ``cu_seqlens``, else ``0..T-1`` in every row.
+
+    Raises:
+        ValueError: ``cu_seqlens`` with B != 1 or not covering T (see :func:`check_cu_seqlens`).
+    """
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, seq_len, batch_size)
+        return position_ids_from_cu_seqlens(cu_seqlens.to(device), seq_len)
+    return torch.arange(seq_len, device=device).expand(batch_size, seq_len)
 
 
 def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, chunk_size: int, device: torch.device):

@@ -14,89 +14,72 @@
 
 from __future__ import annotations
 
-import itertools
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lctrain.layers.dispatch import check_kernels, use_triton
+from lctrain.errors import ConfigError
+from lctrain.kernels.dispatch import check_kernels
+from lctrain.kernels.ops import SoftmaxAttentionOp
+from lctrain.kernels.softmax_attn import softmax_attention
 from lctrain.layers.rope import RotaryEmbedding, default_position_ids
 
+__all__ = ["Attention", "AttentionConfig", "softmax_attention"]
 
-def softmax_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor | None = None,
-    scale: float | None = None,
-    causal: bool = True,
-    kernels: str = "torch",
-) -> torch.Tensor:
-    """Scaled dot-product attention in the ``[B, T, H, Dh]`` layout, GQA and packed documents.
 
-    Triton path (``use_triton(kernels, q)``): :func:`lctrain.kernels.flash_attn.flash_attn_func`,
-    or ``flash_attn_varlen_func`` on ``q[0]`` when ``cu_seqlens`` is given (FlashAttention-2).
+@dataclass
+class AttentionConfig:
+    """Section ``model.attn``: softmax attention layers (letter ``A``).
 
-    PyTorch path: ``F.scaled_dot_product_attention`` once for the batch, or once per document
-    when ``cu_seqlens`` is given (a host loop over ``cu_seqlens``; it costs one device sync and
-    no O(T^2) block mask).
-
-    Args:
-        q: [B, T, Hq, Dh] queries.
-        k, v: [B, T, Hkv, Dh] keys and values; ``Hq`` must be a multiple of ``Hkv``.
-        cu_seqlens: int32 [N + 1] document boundaries of a packed batch (requires B == 1).
-        scale: logit scale; default ``Dh ** -0.5``.
-        causal: mask keys after the query (within each document).
-        kernels: ``"torch"`` (SDPA), ``"triton"`` (flash kernel) or ``"auto"`` (triton on CUDA).
-
-    Returns:
-        [B, T, Hq, Dh] in ``q.dtype``.
-
-    Raises:
-        ValueError: shape mismatch, ``Hq % Hkv != 0``, or ``cu_seqlens`` with B != 1 / wrong end.
+    ``num_heads`` query heads of ``head_dim`` each; ``num_kv_heads`` key/value heads (GQA, must
+    divide ``num_heads``); ``rope_theta`` the RoPE base; ``output_gate`` the sigmoid output gate
+    of Gated Attention (Qiu et al. 2025, G1).
     """
-    B, T, Hq, Dh = q.shape
-    Hkv = k.shape[2]
-    if k.shape != (B, T, Hkv, Dh) or v.shape != k.shape or Hq % Hkv:
-        raise ValueError(
-            f"expected q [B,T,Hq,Dh], k and v [B,T,Hkv,Dh] with Hq % Hkv == 0; "
-            f"got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}"
-        )
-    if use_triton(kernels, q):
-        from lctrain.kernels.flash_attn import flash_attn_func, flash_attn_varlen_func
 
-        if cu_seqlens is None:
-            return flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
-        if B != 1:
-            raise ValueError(f"cu_seqlens requires the packed layout with batch size 1, got B={B}")
-        bounds = cu_seqlens.tolist()
-        if bounds[0] != 0 or bounds[-1] != T:
-            raise ValueError(f"cu_seqlens must run from 0 to T={T}, got {bounds}")
-        max_len = max((e - s for s, e in itertools.pairwise(bounds)), default=0)
-        cu = cu_seqlens.to(torch.int32)
-        o = flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, max_len, max_len, softmax_scale=scale, causal=causal)
-        return o[None]
-    # SDPA wants heads before time
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    gqa = Hq != Hkv
-    if cu_seqlens is None:
-        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale, enable_gqa=gqa)
-        return o.transpose(1, 2)
-    if B != 1:
-        raise ValueError(f"cu_seqlens requires the packed layout with batch size 1, got B={B}")
-    bounds = cu_seqlens.tolist()
-    if bounds[0] != 0 or bounds[-1] != T:
-        raise ValueError(f"cu_seqlens must run from 0 to T={T}, got {bounds}")
-    outs = []
-    for s, e in itertools.pairwise(bounds):
-        if e > s:
-            outs.append(
-                F.scaled_dot_product_attention(
-                    qt[:, :, s:e], kt[:, :, s:e], vt[:, :, s:e], is_causal=causal, scale=scale, enable_gqa=gqa
-                )
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    rope_theta: float = 10000.0
+    output_gate: bool = True
+
+    def validate(self, prefix: str = "model.attn") -> None:
+        """Raise :class:`~lctrain.errors.ConfigError` naming the bad key and what is allowed."""
+        for key in ("num_heads", "num_kv_heads", "head_dim"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"invalid {prefix}.{key}={getattr(self, key)!r}: must be a positive integer")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"invalid {prefix}.num_kv_heads={self.num_kv_heads!r}: must divide {prefix}.num_heads={self.num_heads}"
             )
-    return torch.cat(outs, dim=2).transpose(1, 2)
+        if self.head_dim % 2:
+            raise ConfigError(f"invalid {prefix}.head_dim={self.head_dim!r}: RoPE needs an even head_dim")
+        if self.rope_theta <= 0:
+            raise ConfigError(f"invalid {prefix}.rope_theta={self.rope_theta!r}: must be > 0")
+
+    def check_context_parallel(
+        self, *, cp_degree: int, cp_impl: str, ulysses_degree: int, seq_len: int, prefix: str = "model.attn"
+    ) -> None:
+        """Ulysses splits heads over ``ulysses_degree`` ranks (the effective U): check the head counts allow it.
+
+        Raises:
+            ConfigError: ``num_heads`` not divisible by the Ulysses degree, or ``num_kv_heads``
+                neither dividing nor divisible by it.
+        """
+        U = ulysses_degree
+        if U <= 1:
+            return
+        if self.num_heads % U:
+            raise ConfigError(
+                f"{prefix}.num_heads={self.num_heads} must be divisible by the Ulysses degree {U} (each rank takes "
+                f"num_heads / {U} heads); change {prefix}.num_heads, parallel.ulysses_degree or use cp_impl=ring"
+            )
+        if self.num_kv_heads % U and U % self.num_kv_heads:
+            raise ConfigError(
+                f"{prefix}.num_kv_heads={self.num_kv_heads} must divide or be divisible by the Ulysses degree {U} "
+                f"(KV heads are replicated up to {U} when fewer); change {prefix}.num_kv_heads or the Ulysses degree"
+            )
+
 
 
 class Attention(nn.Module):
@@ -113,7 +96,7 @@ class Attention(nn.Module):
         rope_theta: RoPE base.
         output_gate: add ``g_proj`` (D -> Hq*Dh) and multiply the attention output by its
             sigmoid elementwise (Qiu et al. 2025, G1 elementwise head-specific gate).
-        kernels: ``"auto"`` | ``"torch"`` | ``"triton"``: :func:`softmax_attention` with SDPA
+        kernels: ``"auto"`` | ``"torch"`` | ``"triton"``: the op's :func:`softmax_attention` with SDPA
             (torch), the Triton FlashAttention-2 kernel (triton), or Triton on CUDA and SDPA
             elsewhere (auto).
 
@@ -127,13 +110,10 @@ class Attention(nn.Module):
         ValueError: inconsistent head counts or input shapes; ImportError: ``triton`` without
         the triton package.
 
-    Context parallelism: :func:`lctrain.parallel.context.apply_context_parallel` sets
-    ``context_parallel``; x is then this rank's zigzag shard, ``position_ids`` its true positions
-    and ``cu_seqlens`` the global document boundaries (ring / Ulysses / USP attention).
+    Sequence op: ``attn_op`` (:class:`lctrain.kernels.ops.SoftmaxAttentionOp`), the seam a
+    parallel scheme swaps from outside (context parallelism: x is then this rank's sequence
+    shard, ``position_ids`` its true positions and ``cu_seqlens`` the global boundaries).
     """
-
-    supports_context_parallel = True
-    context_parallel = None  # a ContextParallel handle, set by apply_context_parallel
 
     def __init__(
         self,
@@ -159,14 +139,14 @@ class Attention(nn.Module):
             num_kv_heads,
             head_dim,
         )
-        self.kernels = kernels
-        check_kernels(kernels, "softmax attention")
+        self.kernels = check_kernels(kernels, "softmax attention")
         self.q_proj = nn.Linear(d_model, num_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=False)
         self.g_proj = nn.Linear(d_model, num_heads * head_dim, bias=False) if output_gate else None
         self.o_proj = nn.Linear(num_heads * head_dim, d_model, bias=False)
         self.rope = RotaryEmbedding(head_dim, rope_theta)
+        self.attn_op = SoftmaxAttentionOp(kernels, causal=True)
 
     def forward(
         self,
@@ -183,14 +163,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         q, k = self.rope(q, k, position_ids)
-        if self.context_parallel is not None:  # zigzag shard; cu_seqlens are the global boundaries
-            from lctrain.parallel.context import context_parallel_attention
-
-            o = context_parallel_attention(
-                q, k, v, cu_seqlens, self.context_parallel, use_flash=use_triton(self.kernels, q)
-            )
-        else:
-            o = softmax_attention(q, k, v, cu_seqlens=cu_seqlens, causal=True, kernels=self.kernels)
+        o = self.attn_op(q, k, v, cu_seqlens)
         if self.g_proj is not None:
             o = o * torch.sigmoid(self.g_proj(x)).view(B, T, self.num_heads, self.head_dim)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
@@ -200,3 +173,21 @@ class Attention(nn.Module):
             f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
             f"output_gate={self.g_proj is not None}, kernels={self.kernels!r}"
         )
+
+
+def build_attention(cfg: AttentionConfig, d_model: int, *, kernels: str = "auto", **_) -> Attention:
+    """Registry builder: an :class:`Attention` layer from its ``model.attn`` section."""
+    return Attention(
+        d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rope_theta=cfg.rope_theta,
+        output_gate=cfg.output_gate, kernels=kernels,
+    )
+
+
+def attention_flops_per_token(cfg: AttentionConfig, seq_len: int) -> float:
+    """Training FLOPs per token of causal attention beyond its parameters: ``6 * H * Dh * T``.
+
+    Forward ``2 * 2 * H * Dh * T/2`` (QK^T and PV over on average T/2 keys), times 3 for
+    forward + backward. (Non-causal accountings, e.g. ``12 * H * Dh * T`` in the PaLM appendix,
+    count the masked half too.)
+    """
+    return 6.0 * cfg.num_heads * cfg.head_dim * seq_len

@@ -16,24 +16,62 @@ every ``cu_seqlens`` boundary.
 
 from __future__ import annotations
 
-import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lctrain.kernels.gated_delta_rule import chunk_gated_delta_rule, chunk_gated_delta_rule_triton
+from lctrain.errors import ConfigError
+from lctrain.kernels.dispatch import check_kernels
+from lctrain.kernels.norm import l2norm
+from lctrain.kernels.ops import GatedDeltaRuleOp, ShortConvOp
 from lctrain.layers.conv import ShortConvolution
-from lctrain.layers.dispatch import KERNEL_CHOICES, use_triton
 from lctrain.layers.norm import GatedRMSNorm
 from lctrain.layers.rope import default_position_ids
 
 
-def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``x / sqrt(sum(x^2, -1) + eps)`` over the last dim, in fp32, returned in ``x.dtype``."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+@dataclass
+class GatedDeltaNetConfig:
+    """Section ``model.gdn``: Gated DeltaNet layers (letter ``G``).
+
+    ``num_heads`` heads with key dim ``head_dim`` and value dim ``head_dim * expand_v``;
+    ``conv_size`` taps of the short convolutions on q, k, v; ``chunk_size`` the chunk length of
+    the torch chunked kernel (the result does not depend on it; the Triton kernel uses 64).
+    """
+
+    num_heads: int = 4
+    head_dim: int = 64
+    expand_v: float = 1.0
+    conv_size: int = 4
+    chunk_size: int = 64
+
+    def validate(self, prefix: str = "model.gdn") -> None:
+        """Raise :class:`~lctrain.errors.ConfigError` naming the bad key and what is allowed."""
+        for key in ("num_heads", "head_dim", "conv_size", "chunk_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"invalid {prefix}.{key}={getattr(self, key)!r}: must be a positive integer")
+        if self.expand_v <= 0 or not float(self.head_dim * self.expand_v).is_integer():
+            raise ConfigError(
+                f"invalid {prefix}.expand_v={self.expand_v!r}: must be > 0 with {prefix}.head_dim * expand_v an integer"
+            )
+
+    def check_context_parallel(
+        self, *, cp_degree: int, cp_impl: str, ulysses_degree: int, seq_len: int, prefix: str = "model.gdn"
+    ) -> None:
+        """Each zigzag chunk (``seq_len / (2 cp_degree)`` tokens) must hold the conv halo of ``conv_size - 1``.
+
+        Raises:
+            ConfigError: chunks shorter than the halo.
+        """
+        chunk = seq_len // (2 * cp_degree)
+        if cp_degree > 1 and chunk < self.conv_size - 1:
+            raise ConfigError(
+                f"zigzag chunks of data.seq_len / (2 x cp_degree) = {chunk} tokens are shorter than the "
+                f"short-convolution halo {prefix}.conv_size - 1 = {self.conv_size - 1}; raise data.seq_len or "
+                f"lower parallel.cp_degree"
+            )
 
 
 class GatedDeltaNet(nn.Module):
@@ -41,8 +79,8 @@ class GatedDeltaNet(nn.Module):
 
     Args:
         d_model: D, model width.
-        num_heads: H heads (``gdn_num_heads``).
-        head_dim: K, the query/key dim per head (``gdn_head_dim``).
+        num_heads: H heads (``model.gdn.num_heads``).
+        head_dim: K, the query/key dim per head (``model.gdn.head_dim``).
         expand_v: value dim per head is ``V = head_dim * expand_v`` (must be an integer).
         conv_size: taps of the short convolutions on q, k, v.
         chunk_size: chunk length of the chunked kernel (kept for when the kernel takes it; the
@@ -66,15 +104,15 @@ class GatedDeltaNet(nn.Module):
     ``g`` and ``beta`` are computed in fp32.
 
     Raises:
-        ValueError: bad sizes or input shapes. RuntimeError: ``kernels='triton'`` without triton
-            (or on CPU without TRITON_INTERPRET=1), raised by the first forward.
+        ValueError: bad sizes or input shapes; ImportError: ``kernels='triton'`` without the
+            triton package. RuntimeError: ``kernels='triton'`` on CPU without TRITON_INTERPRET=1,
+            raised by the first forward.
 
-    Context parallelism: ``context_parallel`` (set by ``apply_context_parallel``) makes x a zigzag
-    shard; the short convolutions fetch their halo and the recurrence passes state across ranks.
+    Sequence ops (the seams a parallel scheme swaps from outside, see :mod:`lctrain.kernels.ops`):
+    ``delta_rule_op`` (:class:`GatedDeltaRuleOp`) and ``conv_op`` (:class:`ShortConvOp`, applied
+    to each of ``q_conv``, ``k_conv``, ``v_conv``). Under context parallelism x is a zigzag
+    shard; the convolutions then fetch their halo and the recurrence passes state across ranks.
     """
-
-    supports_context_parallel = True
-    context_parallel = None  # a ContextParallel handle, set by apply_context_parallel
 
     def __init__(
         self,
@@ -95,10 +133,7 @@ class GatedDeltaNet(nn.Module):
             )
         if expand_v <= 0 or not float(head_dim * expand_v).is_integer():
             raise ValueError(f"head_dim * expand_v must be a positive integer, got {head_dim} * {expand_v}")
-        if kernels not in KERNEL_CHOICES:
-            raise ValueError(
-                f"kernels={kernels!r} for Gated DeltaNet; allowed values are {', '.join(KERNEL_CHOICES)}"
-            )
+        check_kernels(kernels, "Gated DeltaNet")
         self.d_model, self.num_heads, self.head_dim = d_model, num_heads, head_dim
         self.head_v_dim = int(head_dim * expand_v)
         self.conv_size, self.chunk_size, self.kernels = conv_size, chunk_size, kernels
@@ -118,6 +153,12 @@ class GatedDeltaNet(nn.Module):
         self.g_proj = nn.Linear(d_model, value_dim, bias=False)
         self.o_norm = GatedRMSNorm(self.head_v_dim, eps=norm_eps)
         self.o_proj = nn.Linear(value_dim, d_model, bias=False)
+        self.delta_rule_op = GatedDeltaRuleOp(kernels, chunk_size)
+        self.conv_op = ShortConvOp(kernels)
+        self.reset_decay_parameters()
+
+    def reset_parameters(self) -> None:
+        """Model-level init hook (:meth:`HybridLM.reset_parameters`): the decay init below."""
         self.reset_decay_parameters()
 
     @torch.no_grad()
@@ -153,34 +194,36 @@ class GatedDeltaNet(nn.Module):
         if position_ids is None:
             position_ids = default_position_ids(B, T, cu_seqlens, x.device)
         H, K, V = self.num_heads, self.head_dim, self.head_v_dim
-        cp = self.context_parallel
-        if cp is not None:  # zigzag shard: conv halo exchange + state passing (lctrain.parallel.context)
-            from lctrain.parallel.context import cp_gated_delta_rule, cp_short_conv
-
-            conv = lambda m, t: cp_short_conv(m, t, position_ids, cp)
-        else:
-            conv = lambda m, t: m(t, position_ids)
-        q = l2norm(conv(self.q_conv, self.q_proj(x)).view(B, T, H, K))
-        k = l2norm(conv(self.k_conv, self.k_proj(x)).view(B, T, H, K))
-        v = conv(self.v_conv, self.v_proj(x)).view(B, T, H, V)
+        conv = self.conv_op
+        q = l2norm(conv(self.q_conv, self.q_proj(x), position_ids).view(B, T, H, K))
+        k = l2norm(conv(self.k_conv, self.k_proj(x), position_ids).view(B, T, H, K))
+        v = conv(self.v_conv, self.v_proj(x), position_ids).view(B, T, H, V)
         g, beta = self.gates(x)
-        if cp is not None:
-            o = cp_gated_delta_rule(
-                q, k, v, g, beta, cp, scale=K**-0.5, cu_seqlens=cu_seqlens, kernel=self._delta_rule_fn(x)
-            )
-        else:
-            o, _ = self._delta_rule_fn(x)(q, k, v, g, beta, scale=K**-0.5, cu_seqlens=cu_seqlens)
+        o = self.delta_rule_op(q, k, v, g, beta, scale=K**-0.5, cu_seqlens=cu_seqlens)
         o = self.o_norm(o, self.g_proj(x).view(B, T, H, V))
         return self.o_proj(o.reshape(B, T, H * V))
-
-    def _delta_rule_fn(self, x: torch.Tensor):
-        """The chunked gated delta rule for ``self.kernels`` and x's device (see class docstring)."""
-        if use_triton(self.kernels, x):
-            return chunk_gated_delta_rule_triton
-        return functools.partial(chunk_gated_delta_rule, chunk_size=self.chunk_size)
 
     def extra_repr(self) -> str:
         return (
             f"num_heads={self.num_heads}, head_dim={self.head_dim}, head_v_dim={self.head_v_dim}, "
             f"conv_size={self.conv_size}, chunk_size={self.chunk_size}, kernels={self.kernels!r}"
         )
+
+
+def build_gated_deltanet(cfg: GatedDeltaNetConfig, d_model: int, *, norm_eps: float = 1e-6,
+                         kernels: str = "auto", **_) -> GatedDeltaNet:
+    """Registry builder: a :class:`GatedDeltaNet` layer from its ``model.gdn`` section."""
+    return GatedDeltaNet(
+        d_model, cfg.num_heads, cfg.head_dim, expand_v=cfg.expand_v, conv_size=cfg.conv_size,
+        chunk_size=cfg.chunk_size, norm_eps=norm_eps, kernels=kernels,
+    )
+
+
+def gated_deltanet_flops_per_token(cfg: GatedDeltaNetConfig, seq_len: int) -> float:
+    """Training FLOPs per token of the recurrence beyond its parameters: ``18 * H * K * V``.
+
+    The recurrence reads, corrects and writes the [K, V] state, ``3 * 2 * K * V`` forward per
+    head, times 3 for forward + backward; independent of T (the chunked kernel's intra-chunk
+    work is an implementation cost, not counted).
+    """
+    return 18.0 * cfg.num_heads * cfg.head_dim * int(cfg.head_dim * cfg.expand_v)

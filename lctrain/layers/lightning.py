@@ -17,14 +17,35 @@ The slopes are fixed (a non-persistent buffer rebuilt from the config), not lear
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lctrain.kernels.lightning_attn import chunk_lightning_attn
-from lctrain.layers.dispatch import check_kernels, use_triton
+from lctrain.errors import ConfigError
+from lctrain.kernels.dispatch import check_kernels
+from lctrain.kernels.ops import LightningAttnOp
 from lctrain.layers.norm import rms_norm
+
+
+@dataclass
+class LightningConfig:
+    """Section ``model.lightning``: Lightning Attention layers (letter ``L``).
+
+    ``num_heads`` heads of ``head_dim`` (state ``head_dim x head_dim`` per head, no KV grouping);
+    ``chunk_size`` the block length of the chunked kernels (a power of two >= 16 for Triton).
+    """
+
+    num_heads: int = 4
+    head_dim: int = 64
+    chunk_size: int = 64
+
+    def validate(self, prefix: str = "model.lightning") -> None:
+        """Raise :class:`~lctrain.errors.ConfigError` naming the bad key and what is allowed."""
+        for key in ("num_heads", "head_dim", "chunk_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"invalid {prefix}.{key}={getattr(self, key)!r}: must be a positive integer")
 
 
 def alibi_slopes(num_heads: int) -> list[float]:
@@ -81,12 +102,10 @@ class LightningAttention(nn.Module):
         ValueError: non-positive sizes or an unknown ``kernels`` value;
         ImportError: ``kernels='triton'`` without the triton package.
 
-    Context parallelism: ``context_parallel`` (set by ``apply_context_parallel``) switches
-    :meth:`mix` to state passing over the zigzag shards (``lctrain.parallel.context.linear``).
+    Sequence op: ``lightning_op`` (:class:`lctrain.kernels.ops.LightningAttnOp`), the seam a
+    parallel scheme swaps from outside (context parallelism: state passing over zigzag shards,
+    with the same kernel choice).
     """
-
-    supports_context_parallel = True
-    context_parallel = None  # a ContextParallel handle, set by apply_context_parallel
 
     def __init__(
         self,
@@ -115,32 +134,13 @@ class LightningAttention(nn.Module):
         self.o_norm_weight = nn.Parameter(torch.ones(head_dim))
         self.o_proj = nn.Linear(inner, d_model, bias=False)
         self.register_buffer("slope", lightning_slopes(num_heads, layer_idx, n_layers), persistent=False)
+        self.lightning_op = LightningAttnOp(kernels, chunk_size)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Unit output-norm scale and the slopes rebuilt (after ``to_empty``); Linears are set by the model."""
         self.o_norm_weight.fill_(1.0)
         self.slope.copy_(lightning_slopes(self.num_heads, self.layer_idx, self.n_layers))
-
-    def mix(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None
-    ) -> torch.Tensor:
-        """The sequence-mixing kernel call on [B, T, H, Dh] tensors (a hook for parallel schemes)."""
-        if self.context_parallel is not None:  # zigzag shard: state passing across cp ranks
-            from lctrain.parallel.context import cp_lightning_attn
-
-            return cp_lightning_attn(
-                q, k, v, self.slope, self.context_parallel, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size
-            )
-        if use_triton(self.kernels, q):
-            from lctrain.kernels.lightning_attn import chunk_lightning_attn_triton
-
-            o, _ = chunk_lightning_attn_triton(
-                q, k, v, self.slope, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size
-            )
-            return o
-        o, _ = chunk_lightning_attn(q, k, v, self.slope, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size)
-        return o
 
     def forward(
         self,
@@ -151,7 +151,7 @@ class LightningAttention(nn.Module):
         B, T, _ = x.shape
         H, Dh = self.num_heads, self.head_dim
         q, k, v = F.silu(self.qkv_proj(x)).view(B, T, 3, H, Dh).unbind(2)
-        o = self.mix(q, k, v, cu_seqlens)
+        o = self.lightning_op(q, k, v, self.slope, cu_seqlens=cu_seqlens)
         o = rms_norm(o, self.o_norm_weight, self.norm_eps) * torch.sigmoid(self.g_proj(x)).view(B, T, H, Dh)
         return self.o_proj(o.reshape(B, T, H * Dh))
 
@@ -160,3 +160,20 @@ class LightningAttention(nn.Module):
             f"d_model={self.d_model}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
             f"layer_idx={self.layer_idx}, kernels={self.kernels!r}"
         )
+
+
+def build_lightning(cfg: LightningConfig, d_model: int, *, layer_idx: int = 0, n_layers: int = 1,
+                    norm_eps: float = 1e-6, kernels: str = "auto", **_) -> LightningAttention:
+    """Registry builder: a :class:`LightningAttention` layer from its ``model.lightning`` section."""
+    return LightningAttention(
+        d_model, cfg.num_heads, cfg.head_dim, layer_idx=layer_idx, n_layers=n_layers,
+        chunk_size=cfg.chunk_size, norm_eps=norm_eps, kernels=kernels,
+    )
+
+
+def lightning_flops_per_token(cfg: LightningConfig, seq_len: int) -> float:
+    """Training FLOPs per token beyond the parameters: ``12 * H * Dh^2``.
+
+    Read and write the [Dh, Dh] state, ``2 * 2 * Dh^2`` forward per head, times 3 for training.
+    """
+    return 12.0 * cfg.num_heads * cfg.head_dim * cfg.head_dim

@@ -1,51 +1,136 @@
 """Mixture-of-experts FFN: top-k router, SwiGLU experts, shared experts, balancing losses.
 
-Sources of each formula (``S`` tokens, ``E`` experts, ``K = top_k``, router logits ``z [S, E]``):
+Router formulas (scores, top-k, capacity, Switch aux loss, ST-MoE z-loss, DeepSeek-V3 bias
+balancing) live in :mod:`lctrain.layers.routing`, shared with the routed attention layers.
+Shared experts (DeepSeekMoE, Dai et al. 2024): an always-on SwiGLU added to the routed output.
 
-* Scores: ``softmax`` over experts (Shazeer et al. 2017; Switch Transformer, Fedus et al. 2022)
-  or per-expert ``sigmoid`` (DeepSeek-V3, Liu et al. 2024, eq. 15). The top-k weights are
-  renormalised to sum to one when ``norm_topk_prob`` ("top-k then renormalise": Mixtral,
-  Qwen-MoE, DeepSeek-V3 eq. 13), or used as they are ("softmax then top-k": Switch, GShard,
-  DeepSeek-V2).
-* Aux-loss-free balancing (DeepSeek-V3 Sec. 2.1.2 / Wang et al. 2024 "Auxiliary-Loss-Free Load
-  Balancing"): a per-expert bias ``b`` is added to the scores *for selection only*; after each
-  optimizer step ``b_i += rate * sign(mean_load - load_i)`` with loads counted over the step's
-  global batch (all ranks).
-* Load-balancing loss (Switch Transformer eq. 4-6, top-k form as in Megatron-Core):
-  ``aux_loss = coeff * E * sum_i f_i * P_i``, ``f_i`` = fraction of the ``S * K`` routed slots
-  that chose expert ``i`` (before capacity dropping), ``P_i`` = mean over tokens of the router
-  probability of ``i`` (softmax scores; for ``sigmoid`` the scores normalised to sum to one per
-  token, DeepSeek-V3 eq. 18-20). Equals ``coeff`` under perfectly uniform routing.
-* Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): ``z_loss = coeff * mean_s(logsumexp(z_s)^2)``.
-* Capacity (GShard / Switch): each expert takes at most ``ceil(capacity_factor * S * K / E)``
-  slots; when more choose it, the slots with the lowest routing score are dropped first
-  (Megatron's "probs" drop policy). ``capacity_factor = 0``: dropless (MegaBlocks, Gale et al. 2023).
-* Shared experts (DeepSeekMoE, Dai et al. 2024): an always-on SwiGLU added to the routed output.
+Seams applied from outside (the layer imports no parallel code):
 
-Parallelism: expert parallelism is :mod:`lctrain.parallel.expert` (set by ``shard_experts``).
-Under context parallelism each rank routes its own sequence shard; only ``f_i`` of the
-load-balancing loss is counted over the context-parallel group, so the losses equal those of the
-unsharded micro-batch. Capacity is computed per rank from its local tokens (as Megatron-Core
-does before dispatch), so with ``capacity_factor > 0`` which slots drop depends on the layout.
+* ``dispatcher``: how routed slots reach their experts. :class:`LocalDispatcher` (all experts
+  here) by default; expert parallelism (``shard_experts`` of the parallel package) keeps
+  this rank's slice of ``experts`` and swaps in an all-to-all dispatcher.
+* ``balance_group``: under context parallelism each rank routes its own sequence shard, and
+  ``f_i`` of the load-balancing loss is counted over this process group (set by
+  ``apply_context_parallel`` of the parallel package), so the losses equal those of the
+  unsharded micro-batch. Capacity is computed per rank from its local tokens (as Megatron-Core
+  does before dispatch), so with ``capacity_factor > 0`` which slots drop depends on the layout.
 
-Both losses reach the gradient through :class:`AuxLossScaler` (the Megatron-Core approach): the
-forward output is unchanged and the backward adds ``d(scale * loss)`` to the router, so the
-losses need not travel through DDP wrappers or activation checkpointing; the trainer sets
-``scale`` per micro-batch (:func:`set_aux_loss_scale`) and reads the logged values from
-:meth:`MoE.pop_step_stats`.
+The trainer sets ``aux_loss_scale`` per step (:func:`lctrain.layers.routing.set_aux_loss_scale`)
+and reduces ``routing_stats`` after each optimizer step
+(``routing_step`` of the training metrics), which calls :meth:`MoE.after_step`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lctrain.config import MoEConfig
+from lctrain.errors import ConfigError
 from lctrain.kernels.moe import grouped_swiglu
+from lctrain.kernels.moe.dispatch import local_dispatch_combine
 from lctrain.layers.ffn import SwiGLU
+from lctrain.layers.routing import (
+    AuxLossScaler,
+    RoutingStats,
+    capacity_keep_mask,
+    expert_bias_update,
+    load_balancing_loss,
+    router_scores,
+    router_z_loss,
+    topk_route,
+)
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+EXPERT_IMPLS = ("auto", "grouped", "loop", "triton")
+
+
+@dataclass
+class MoEConfig:
+    """Section ``model.moe``: mixture-of-experts FFNs (:class:`MoE`); ``num_experts = 0`` keeps every FFN dense.
+
+    ``score_func``: ``softmax`` (over all experts) or ``sigmoid`` (per expert, DeepSeek-V3).
+    ``norm_topk_prob``: renormalise the ``top_k`` selected scores to sum to 1 (Mixtral/Qwen-MoE
+    "top-k then renormalise"); false keeps the raw scores ("softmax then top-k", Switch/GShard).
+    ``ffn_hidden_size``: per-expert SwiGLU width (0: ``model.ffn_hidden_size`` default / ``top_k``,
+    rounded up to a multiple of 64). ``num_shared_experts`` always-on experts of the same width.
+    ``aux_loss_coeff``: Switch load-balancing loss; ``z_loss_coeff``: ST-MoE router z-loss;
+    ``bias_update_rate``: DeepSeek-V3 aux-loss-free balancing (0 = off). ``capacity_factor``: 0 =
+    dropless, else each expert takes ``ceil(capacity_factor * tokens * top_k / num_experts)`` slots.
+    ``layers``: which blocks get an MoE FFN: ``all``, ``every_other`` (blocks 1, 3, ...),
+    ``every_<n>`` (blocks n-1, 2n-1, ...) or a comma list of block indices (``"0,2"``).
+    ``expert_impl``: ``auto`` (torch ``_grouped_mm`` where supported, else Triton on CUDA, else
+    ``loop``), ``grouped``, ``loop`` (sorted-segment loop) or ``triton`` (lctrain.kernels.moe).
+    """
+
+    num_experts: int = 0
+    top_k: int = 2
+    score_func: str = "softmax"
+    norm_topk_prob: bool = True
+    ffn_hidden_size: int = 0
+    num_shared_experts: int = 0
+    aux_loss_coeff: float = 0.01
+    z_loss_coeff: float = 0.001
+    bias_update_rate: float = 0.0
+    capacity_factor: float = 0.0
+    layers: str = "all"
+    expert_impl: str = "auto"
+
+    def validate(self, n_layers: int, prefix: str = "model.moe") -> None:
+        """Raise :class:`~lctrain.errors.ConfigError` naming the bad key and what is allowed."""
+        if self.score_func not in SCORE_FUNCS:
+            raise ConfigError(f"invalid {prefix}.score_func={self.score_func!r}: allowed values are {', '.join(SCORE_FUNCS)}")
+        if self.expert_impl not in EXPERT_IMPLS:
+            raise ConfigError(
+                f"invalid {prefix}.expert_impl={self.expert_impl!r}: allowed values are {', '.join(EXPERT_IMPLS)}"
+            )
+        if self.num_experts < 0:
+            raise ConfigError(f"invalid {prefix}.num_experts={self.num_experts!r}: must be >= 0 (0 = dense FFN everywhere)")
+        if self.num_experts == 0:
+            return
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"invalid {prefix}.top_k={self.top_k!r}: must be in [1, {prefix}.num_experts={self.num_experts}]")
+        for key in ("ffn_hidden_size", "num_shared_experts"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"invalid {prefix}.{key}={getattr(self, key)!r}: must be >= 0 (0 = default / none)")
+        for key in ("aux_loss_coeff", "z_loss_coeff", "bias_update_rate"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"invalid {prefix}.{key}={getattr(self, key)!r}: must be >= 0 (0 disables it)")
+        if self.capacity_factor < 0:
+            raise ConfigError(f"invalid {prefix}.capacity_factor={self.capacity_factor!r}: must be 0 (dropless) or > 0")
+        try:
+            moe_layer_indices(self.layers, n_layers)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+
+
+def moe_layer_indices(layers: str, n_layers: int) -> list[int]:
+    """Block indices that get an MoE FFN for ``model.moe.layers`` (see :class:`MoEConfig`).
+
+    Raises:
+        ValueError: an unknown form or an index outside ``[0, n_layers)``; the message names the forms.
+    """
+    spec = str(layers).strip().replace(" ", "")
+    allowed = "allowed: all, every_other, every_<n> (n >= 1), or a comma list of block indices like \"0,2\""
+    if spec == "all":
+        return list(range(n_layers))
+    if spec == "every_other":
+        spec = "every_2"
+    if spec.startswith("every_"):
+        n = spec[len("every_"):]
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"invalid model.moe.layers={layers!r}: {allowed}")
+        return [i for i in range(n_layers) if i % int(n) == int(n) - 1]
+    parts = [x for x in spec.split(",") if x]
+    if not parts or not all(x.isdigit() for x in parts):
+        raise ValueError(f"invalid model.moe.layers={layers!r}: {allowed}")
+    idx = sorted({int(x) for x in parts})
+    if idx[-1] >= n_layers:
+        raise ValueError(f"invalid model.moe.layers={layers!r}: block index {idx[-1]} >= model.n_layers={n_layers}")
+    return idx
 
 
 def default_expert_hidden_size(d_model: int, dense_hidden_size: int, top_k: int, ffn_hidden_size: int = 0) -> int:
@@ -55,110 +140,15 @@ def default_expert_hidden_size(d_model: int, dense_hidden_size: int, top_k: int,
     return 64 * math.ceil(dense_hidden_size / top_k / 64)
 
 
-def router_scores(logits: torch.Tensor, score_func: str) -> torch.Tensor:
-    """fp32 router scores [S, E] from logits [S, E]: ``softmax`` over experts or elementwise ``sigmoid``.
+class LocalDispatcher:
+    """Route slots to experts that are all on this device (:func:`lctrain.kernels.moe.dispatch.local_dispatch_combine`).
 
-    Raises:
-        ValueError: unknown ``score_func``.
+    ``__call__(x [S, D], slot_token int64 [N], slot_expert int64 [N], slot_weight [N], num_experts,
+    expert_fn) -> [S, D]`` in ``x.dtype``: ``y_s = sum over slots of s of weight * expert(x_s)``.
     """
-    if score_func == "softmax":
-        return torch.softmax(logits.float(), dim=-1)
-    if score_func == "sigmoid":
-        return torch.sigmoid(logits.float())
-    raise ValueError(f"model.moe.score_func={score_func!r}: allowed values are softmax, sigmoid")
 
-
-def topk_route(
-    scores: torch.Tensor, top_k: int, norm_topk_prob: bool, expert_bias: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Select ``top_k`` experts per token; returns ``(topk_weight fp32 [S, K], topk_idx int64 [S, K])``.
-
-    Selection uses ``scores + expert_bias`` (DeepSeek-V3 eq. 16; the bias never enters the weights);
-    weights are the unbiased scores of the selected experts, renormalised to sum to one per
-    token when ``norm_topk_prob``.
-    """
-    select = scores if expert_bias is None else scores + expert_bias.to(scores.dtype)
-    idx = torch.topk(select, top_k, dim=-1, sorted=True).indices
-    weight = scores.gather(-1, idx)
-    if norm_topk_prob:
-        weight = weight / weight.sum(-1, keepdim=True).clamp_min(1e-20)
-    return weight, idx
-
-
-def load_balancing_loss(
-    probs: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, group=None
-) -> torch.Tensor:
-    """Switch load-balancing loss without its coefficient: ``E * sum_i f_i * P_i`` (fp32 scalar).
-
-    Args:
-        probs: [S, E] router probabilities (rows sum to one), differentiable.
-        topk_idx: int64 [S, K] selected experts (no gradient).
-        num_experts: E.
-        group: optional process group whose ranks hold the other shards of the same sequences
-            (context parallelism): ``f`` is then counted over all of them (one all-reduce, no
-            gradient) while ``P`` stays local, so the mean of the ranks' losses equals the loss of
-            the whole micro-batch when the shards are the same size (Megatron-Core does the same).
-
-    ``f_i = count_i / (S * K)``, ``P_i = mean_s probs[s, i]`` (Fedus et al. 2022, eq. 4-6).
-    """
-    S, K = topk_idx.shape
-    counts = torch.bincount(topk_idx.flatten(), minlength=num_experts).to(probs.dtype)
-    total = torch.tensor([float(S * K)], dtype=probs.dtype, device=probs.device)
-    if group is not None:
-        import torch.distributed as dist
-
-        packed = torch.cat([counts, total])
-        dist.all_reduce(packed, group=group)
-        counts, total = packed[:-1], packed[-1:]
-    f = counts / total.clamp_min(1.0)
-    P = probs.mean(0) if S > 0 else probs.sum(0)
-    return num_experts * (f * P).sum()
-
-
-def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss without its coefficient: ``mean_s logsumexp(logits_s)^2`` (fp32 scalar)."""
-    if logits.shape[0] == 0:
-        return logits.float().sum()
-    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
-
-
-def capacity_keep_mask(topk_weight: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
-    """bool [S, K]: which slots fit in their expert's ``capacity``, highest routing weight first.
-
-    Ties are broken by token order (earlier token wins), so the result is deterministic.
-    """
-    S, K = topk_idx.shape
-    flat_e = topk_idx.flatten()
-    flat_w = topk_weight.detach().flatten()
-    by_weight = torch.argsort(-flat_w, stable=True)
-    order = by_weight[torch.argsort(flat_e[by_weight], stable=True)]  # expert-major, weight-descending
-    counts = torch.bincount(flat_e, minlength=num_experts)
-    starts = torch.cumsum(counts, 0) - counts
-    rank_in_expert = torch.arange(order.numel(), device=flat_e.device) - starts[flat_e[order]]
-    keep = torch.zeros(S * K, dtype=torch.bool, device=flat_e.device)
-    keep[order] = rank_in_expert < capacity
-    return keep.view(S, K)
-
-
-def expert_bias_update(expert_bias: torch.Tensor, tokens_per_expert: torch.Tensor, rate: float) -> torch.Tensor:
-    """DeepSeek-V3 aux-loss-free update: ``b_i + rate * sign(mean(load) - load_i)`` (new tensor)."""
-    load = tokens_per_expert.to(expert_bias.dtype)
-    return expert_bias + rate * torch.sign(load.mean() - load)
-
-
-class AuxLossScaler(torch.autograd.Function):
-    """Identity on ``output``; backward also sends gradient ``scale`` into ``aux_loss``."""
-
-    @staticmethod
-    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(aux_loss)
-        ctx.scale = scale
-        return output.view_as(output)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (aux_loss,) = ctx.saved_tensors
-        return grad, torch.full_like(aux_loss, ctx.scale), None
+    def __call__(self, x, slot_token, slot_expert, slot_weight, num_experts, expert_fn) -> torch.Tensor:
+        return local_dispatch_combine(x, slot_token, slot_expert, slot_weight, num_experts, expert_fn)
 
 
 class GroupedExperts(nn.Module):
@@ -191,25 +181,22 @@ class MoE(nn.Module):
 
     Args:
         d_model: D.
-        cfg: :class:`lctrain.config.MoEConfig` (``num_experts >= 1``).
+        cfg: :class:`MoEConfig` (``num_experts >= 1``).
         dense_hidden_size: the dense FFN width (for the default expert width).
 
     Submodules / state: ``router`` (Linear D -> E, no bias, computed in fp32), ``experts``
     (:class:`GroupedExperts`), ``shared_experts`` (SwiGLU of width ``num_shared_experts * F``, or
-    None), buffer ``expert_bias`` [E] fp32 (persistent: checkpointed), step statistics
-    (non-persistent).
+    None), buffer ``expert_bias`` [E] fp32 (persistent: checkpointed), ``routing_stats``
+    (:class:`~lctrain.layers.routing.RoutingStats`, not checkpointed), ``dispatcher`` and
+    ``balance_group`` (the seams of the module docstring).
 
     ``forward(x [..., D]) -> [..., D]`` (same dtype). In training mode with gradients enabled the
     aux and z losses are attached via :class:`AuxLossScaler` with ``aux_loss_scale`` and the
-    routing loads / losses are accumulated for :meth:`pop_step_stats`.
+    routing loads / losses are accumulated in ``routing_stats``.
 
     Raises:
         ValueError: ``num_experts < 1`` or ``top_k`` outside ``[1, num_experts]``.
     """
-
-    # Tokens are routed independently, so a sequence shard needs nothing from the other context-parallel
-    # ranks except the expert counts of the load-balancing loss (see load_balancing_loss).
-    supports_context_parallel = True
 
     def __init__(self, d_model: int, cfg: MoEConfig, dense_hidden_size: int):
         super().__init__()
@@ -226,12 +213,10 @@ class MoE(nn.Module):
             SwiGLU(d_model, self.hidden_size * cfg.num_shared_experts) if cfg.num_shared_experts > 0 else None
         )
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts), persistent=True)
-        self.register_buffer("step_tokens_per_expert", torch.zeros(cfg.num_experts, dtype=torch.float64), persistent=False)
-        # aux_loss sum, z_loss sum, dropped slots, routed slots, forward calls
-        self.register_buffer("step_stats", torch.zeros(5, dtype=torch.float64), persistent=False)
+        self.routing_stats = RoutingStats.zeros(cfg.num_experts)
         self.aux_loss_scale = 1.0
-        self.ep = None  # lctrain.parallel.expert.ExpertParallel after shard_experts
-        self.context_parallel = None  # set by lctrain.parallel.context.apply_context_parallel
+        self.dispatcher = LocalDispatcher()  # expert parallelism swaps in an all-to-all dispatcher
+        self.balance_group = None  # context parallelism: the group counting f_i of the balance loss
 
     @torch.no_grad()
     def reset_parameters(self, std: float, out_std: float) -> None:
@@ -245,22 +230,7 @@ class MoE(nn.Module):
             nn.init.normal_(self.shared_experts.down_proj.weight, std=out_std)
         self.expert_bias.zero_()
 
-    def shard_experts(self, ep) -> None:
-        """Keep experts ``[ep_rank * E/ep, (ep_rank+1) * E/ep)`` and route over ``ep`` (see parallel.expert)."""
-        if self.num_experts % ep.ep_degree:
-            raise ValueError(
-                f"model.moe.num_experts={self.num_experts} is not divisible by parallel.ep_degree={ep.ep_degree}"
-            )
-        n = self.num_experts // ep.ep_degree
-        sl = slice(ep.ep_rank * n, (ep.ep_rank + 1) * n)
-        self.experts.gate_up_proj = nn.Parameter(self.experts.gate_up_proj.data[sl].clone())
-        self.experts.down_proj = nn.Parameter(self.experts.down_proj.data[sl].clone())
-        self.experts.num_experts = n
-        self.ep = ep
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from lctrain.parallel.expert import dispatch_combine
-
         shape = x.shape
         h = x.reshape(-1, shape[-1])
         S = h.shape[0]
@@ -279,87 +249,35 @@ class MoE(nn.Module):
         if keep is not None:
             k = keep.flatten()
             slot_token, slot_expert, slot_weight = slot_token[k], slot_expert[k], slot_weight[k]
-        y = dispatch_combine(h, slot_token, slot_expert, slot_weight, E, self.experts, self.ep)
+        y = self.dispatcher(h, slot_token, slot_expert, slot_weight, E, self.experts)
         if self.shared_experts is not None:
             y = y + self.shared_experts(h)
         if self.training and torch.is_grad_enabled():
             probs = scores if cfg.score_func == "softmax" else scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
-            cp = self.context_parallel
-            aux = load_balancing_loss(probs, topk_idx, E, cp.group if cp is not None and cp.degree > 1 else None)
+            aux = load_balancing_loss(probs, topk_idx, E, self.balance_group)
             z = router_z_loss(logits)
             total = cfg.aux_loss_coeff * aux + cfg.z_loss_coeff * z
             if total.requires_grad and (cfg.aux_loss_coeff > 0 or cfg.z_loss_coeff > 0):
                 y = AuxLossScaler.apply(y, total, self.aux_loss_scale)
-            with torch.no_grad():  # tensors only: no host sync on GPU
-                self.step_tokens_per_expert += torch.bincount(topk_idx.flatten(), minlength=E).to(torch.float64)
-                dropped = (~keep).sum() if keep is not None else torch.zeros((), device=h.device)
-                self.step_stats += torch.stack([
-                    cfg.aux_loss_coeff * aux.detach().double(), cfg.z_loss_coeff * z.detach().double(),
-                    dropped.double(), torch.tensor(float(S * K), dtype=torch.float64, device=h.device),
-                    torch.ones((), dtype=torch.float64, device=h.device),
-                ])
+            if self.routing_stats.load.device != h.device:
+                self.routing_stats.to(h.device)
+            # tensors only: no host sync on GPU
+            self.routing_stats.add(topk_idx, cfg.aux_loss_coeff * aux, cfg.z_loss_coeff * z,
+                                   (~keep).sum() if keep is not None else None)
         return y.reshape(shape)
+
+    @torch.no_grad()
+    def after_step(self, stats: RoutingStats) -> None:
+        """After the optimizer step: DeepSeek-V3 bias update from the step's loads reduced over all ranks."""
+        if self.cfg.bias_update_rate > 0 and float(stats.load.mean()) > 0:
+            self.expert_bias.copy_(expert_bias_update(self.expert_bias, stats.load, self.cfg.bias_update_rate))
 
     def extra_repr(self) -> str:
         c = self.cfg
         return (f"num_experts={c.num_experts}, top_k={c.top_k}, score_func={c.score_func}, "
-                f"capacity_factor={c.capacity_factor}, ep={'off' if self.ep is None else self.ep.ep_degree}")
+                f"capacity_factor={c.capacity_factor}, local_experts={self.experts.num_experts}")
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
     """``(name, module)`` of every :class:`MoE` in ``model`` (DDP-wrapped or not), in order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MoE)]
-
-
-def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
-    """Set the gradient weight of the aux/z losses of every MoE layer (per micro-batch)."""
-    for _, m in moe_layers(model):
-        m.aux_loss_scale = float(scale)
-
-
-@torch.no_grad()
-def finish_step(model: nn.Module, group=None) -> dict | None:
-    """Reduce the step's routing statistics over all ranks, update expert biases, reset the counters.
-
-    Collective over ``group`` (default: the world) when a process group exists. Call once per
-    optimizer step, after ``optimizer.step()``.
-
-    Returns:
-        None when the model has no MoE layer; else ``{"aux_loss", "z_loss", "dropped_frac",
-        "load_max_mean", "layers": [{"name", "tokens_per_expert": [...], "load_max_mean"}]}``:
-        losses are per-layer values summed over layers and averaged over micro-batches and
-        ranks; ``load_max_mean`` is max/mean of routed slots per expert (1.0 = perfectly even),
-        averaged over layers.
-    """
-    import torch.distributed as dist
-
-    layers = moe_layers(model)
-    if not layers:
-        return None
-    packed = torch.cat([torch.cat([m.step_tokens_per_expert, m.step_stats]) for _, m in layers])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(packed, group=group)
-    out_layers, aux, z, dropped, slots = [], 0.0, 0.0, 0.0, 0.0
-    offset = 0
-    for name, m in layers:
-        E = m.num_experts
-        load = packed[offset:offset + E]
-        stats = packed[offset + E:offset + E + 5]
-        offset += E + 5
-        calls = max(float(stats[4]), 1.0)
-        aux += float(stats[0]) / calls
-        z += float(stats[1]) / calls
-        dropped += float(stats[2])
-        slots += float(stats[3])
-        mean = float(load.mean())
-        ratio = float(load.max()) / mean if mean > 0 else float("nan")
-        out_layers.append({"name": name, "tokens_per_expert": load.tolist(), "load_max_mean": ratio})
-        if m.cfg.bias_update_rate > 0 and mean > 0:
-            m.expert_bias.copy_(expert_bias_update(m.expert_bias, load, m.cfg.bias_update_rate))
-        m.step_tokens_per_expert.zero_()
-        m.step_stats.zero_()
-    ratios = [x["load_max_mean"] for x in out_layers]
-    return {
-        "aux_loss": aux, "z_loss": z, "dropped_frac": dropped / slots if slots > 0 else 0.0,
-        "load_max_mean": sum(ratios) / len(ratios), "layers": out_layers,
-    }

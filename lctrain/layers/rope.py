@@ -7,7 +7,8 @@ in the "rotate-half" layout used by GPT-NeoX / Llama: the head dim is split into
     rope(x) = x * [cos, cos] + [-x2, x1] * [sin, sin]
 
 Positions are passed explicitly (``position_ids [B, T]``) rather than inferred from the index,
-so packed documents restart at 0 and context-parallel shards carry their global positions.
+so packed documents restart at 0 and context-parallel shards carry their global positions
+(the helpers that make them live in :mod:`lctrain.kernels.varlen` and are re-exported here).
 """
 
 from __future__ import annotations
@@ -15,74 +16,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lctrain.kernels.varlen import check_cu_seqlens, default_position_ids, position_ids_from_cu_seqlens
 
-def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total_len: int | None = None) -> torch.Tensor:
-    """Position of every token within its document, for a packed batch.
-
-    Args:
-        cu_seqlens: int32 (or int64) [N + 1], non-decreasing, ``cu_seqlens[0] == 0``;
-            document ``n`` spans tokens ``cu_seqlens[n]:cu_seqlens[n+1]``.
-        total_len: expected packed length T (checked against ``cu_seqlens[-1]`` when given).
-
-    Returns:
-        int64 [1, T] with ``pos[0, t] = t - cu_seqlens[n]`` for the document ``n`` containing ``t``.
-
-    Raises:
-        ValueError: ``cu_seqlens`` is not 1-D, does not start at 0, decreases, or does not end at
-            ``total_len``.
-    """
-    check_cu_seqlens(cu_seqlens, total_len)
-    T = int(cu_seqlens[-1])
-    cu = cu_seqlens.to(torch.long)
-    t = torch.arange(T, device=cu_seqlens.device)
-    # index of the document holding each token; right=True sends boundary tokens to the new document
-    doc = torch.searchsorted(cu[1:], t, right=True)
-    return (t - cu[doc]).unsqueeze(0)
-
-
-def default_position_ids(
-    batch_size: int, seq_len: int, cu_seqlens: torch.Tensor | None, device: torch.device | None = None
-) -> torch.Tensor:
-    """Positions to use when the caller gave none.
-
-    Args:
-        batch_size, seq_len: B and T of the batch.
-        cu_seqlens: int32 [N + 1] boundaries of a packed batch (requires B == 1), or None.
-        device: where to build the result.
-
-    Returns:
-        int64 [B, T]: positions within documents of ``cu_seqlens``, else ``0..T-1`` in every row.
-
-    Raises:
-        ValueError: ``cu_seqlens`` with B != 1 or not covering T (see :func:`check_cu_seqlens`).
-    """
-    if cu_seqlens is not None:
-        if batch_size != 1:
-            raise ValueError(f"cu_seqlens requires the packed layout with batch size 1, got B={batch_size}")
-        return position_ids_from_cu_seqlens(cu_seqlens.to(device), seq_len)
-    return torch.arange(seq_len, device=device).expand(batch_size, seq_len)
-
-
-def check_cu_seqlens(cu_seqlens: torch.Tensor, total_len: int | None = None) -> None:
-    """Validate a packed-batch ``cu_seqlens`` tensor (see :func:`position_ids_from_cu_seqlens`).
-
-    Raises:
-        ValueError: wrong rank/dtype, first entry not 0, decreasing entries, or last entry
-            different from ``total_len``.
-    """
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be 1-D [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"cu_seqlens must be an integer tensor (int32), got {cu_seqlens.dtype}")
-    if int(cu_seqlens[0]) != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {int(cu_seqlens[0])}")
-    if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
-    if total_len is not None and int(cu_seqlens[-1]) != total_len:
-        raise ValueError(
-            f"cu_seqlens[-1]={int(cu_seqlens[-1])} must equal the packed length T={total_len} "
-            f"(the batch is [1, T] with the documents laid end to end)"
-        )
+__all__ = [
+    "RotaryEmbedding", "apply_rotary", "check_cu_seqlens", "default_position_ids", "position_ids_from_cu_seqlens",
+    "rotate_half",
+]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

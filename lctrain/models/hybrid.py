@@ -16,36 +16,28 @@ import math
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from lctrain.config import LAYER_TYPES, ModelConfig, moe_layer_indices
-from lctrain.layers.attention import Attention
-from lctrain.layers.conv import ShortConvolution
+from lctrain.kernels.varlen import check_cu_seqlens
 from lctrain.layers.ffn import SwiGLU, default_ffn_hidden_size
-from lctrain.layers.gated_deltanet import GatedDeltaNet
-from lctrain.layers.lightning import LightningAttention
-from lctrain.layers.moe import MoE
-from lctrain.layers.norm import GatedRMSNorm, RMSNorm
-from lctrain.layers.rope import check_cu_seqlens, default_position_ids
+from lctrain.layers.moe import MoE, moe_layer_indices
+from lctrain.layers.registry import MIXERS, describe_mixers, get_mixer, mixer_config
+from lctrain.layers.norm import RMSNorm
+from lctrain.layers.rope import default_position_ids
 
 
 def expand_layer_pattern(layer_pattern: str, n_layers: int) -> str:
     """Tile ``layer_pattern`` to ``n_layers`` letters (``'GGGA'``, 8 -> ``'GGGAGGGA'``).
 
     Raises:
-        ValueError: empty pattern, a letter other than those of ``LAYER_TYPES`` (G, A), or
-            ``n_layers`` not a positive multiple of the pattern length.
+        ValueError: empty pattern, a letter that is not registered
+            (:mod:`lctrain.layers.registry`), or ``n_layers`` not a positive multiple of the
+            pattern length.
     """
     if not layer_pattern:
-        raise ValueError(
-            "model.layer_pattern is empty; use letters G (Gated DeltaNet), A (softmax attention), L (Lightning)"
-        )
-    bad = sorted(set(layer_pattern) - set(LAYER_TYPES))
+        raise ValueError(f"model.layer_pattern is empty; use the letters {describe_mixers()}")
+    bad = sorted(set(layer_pattern) - set(MIXERS))
     if bad:
-        allowed = ", ".join(f"{k} ({v})" for k, v in LAYER_TYPES.items())
-        raise ValueError(
-            f"model.layer_pattern={layer_pattern!r} has unknown letters {bad}; allowed: {allowed}"
-        )
+        raise ValueError(f"model.layer_pattern={layer_pattern!r} has unknown letters {bad}; allowed: {describe_mixers()}")
     if n_layers < 1 or n_layers % len(layer_pattern):
         suggestion = len(layer_pattern) * max(1, round(n_layers / len(layer_pattern)))
         raise ValueError(
@@ -56,55 +48,28 @@ def expand_layer_pattern(layer_pattern: str, n_layers: int) -> str:
 
 
 class HybridBlock(nn.Module):
-    """One pre-norm residual block: a token mixer (``kind`` G, A or L) then a SwiGLU FFN.
+    """One pre-norm residual block: a token mixer (registry letter ``kind``) then a SwiGLU FFN.
 
-    Submodules: ``mixer_norm``, ``mixer`` (:class:`GatedDeltaNet`, :class:`Attention` or
-    :class:`LightningAttention`; ``layer_idx`` sets the lightning decay slopes),
-    ``ffn_norm``, ``ffn`` (:class:`SwiGLU`, or :class:`lctrain.layers.moe.MoE` in the blocks
-    chosen by ``model.moe.layers`` when ``model.moe.num_experts > 0``).
+    Submodules: ``mixer_norm``, ``mixer`` (built by the registry entry of ``kind`` from the model
+    config's section for it; ``layer_idx`` and ``n_layers`` are passed to the builder, e.g. for
+    the Lightning decay slopes), ``ffn_norm``, ``ffn`` (:class:`SwiGLU`, or
+    :class:`lctrain.layers.moe.MoE` in the blocks chosen by ``model.moe.layers`` when
+    ``model.moe.num_experts > 0``).
 
     ``forward(x [B,T,D], position_ids [B,T] int, cu_seqlens int32 [N+1] | None) -> [B,T,D]``.
     """
 
-    def __init__(self, kind: str, cfg: ModelConfig, layer_idx: int = 0):
+    def __init__(self, kind: str, cfg, layer_idx: int = 0):
         super().__init__()
         self.kind = kind
         d = cfg.d_model
+        spec = get_mixer(kind)
         self.mixer_norm = RMSNorm(d, cfg.norm_eps)
-        if kind == "G":
-            self.mixer: nn.Module = GatedDeltaNet(
-                d,
-                cfg.gdn_num_heads,
-                cfg.gdn_head_dim,
-                expand_v=cfg.gdn_expand_v,
-                conv_size=cfg.conv_size,
-                chunk_size=cfg.chunk_size,
-                norm_eps=cfg.norm_eps,
-                kernels=cfg.kernels,
-            )
-        elif kind == "A":
-            self.mixer = Attention(
-                d,
-                cfg.num_heads,
-                cfg.num_kv_heads,
-                cfg.head_dim,
-                rope_theta=cfg.rope_theta,
-                output_gate=cfg.attn_output_gate,
-                kernels=cfg.kernels,
-            )
-        elif kind == "L":
-            self.mixer = LightningAttention(
-                d,
-                cfg.num_heads,
-                cfg.head_dim,
-                layer_idx=layer_idx,
-                n_layers=cfg.n_layers,
-                chunk_size=cfg.chunk_size,
-                norm_eps=cfg.norm_eps,
-                kernels=cfg.kernels,
-            )
-        else:  # expand_layer_pattern already rejected it
-            raise AssertionError(kind)
+        self.mixer: nn.Module = spec.build(
+            mixer_config(cfg, spec), d, layer_idx=layer_idx, n_layers=cfg.n_layers, norm_eps=cfg.norm_eps,
+            kernels=cfg.kernels,
+        )
+        self.mixer.is_token_mixer = True  # context parallelism checks that it has a swappable sequence op
         self.ffn_norm = RMSNorm(d, cfg.norm_eps)
         dense_hidden = default_ffn_hidden_size(d, cfg.ffn_hidden_size)
         if cfg.moe.num_experts > 0 and layer_idx in moe_layer_indices(cfg.moe.layers, cfg.n_layers):
@@ -123,10 +88,11 @@ class HybridBlock(nn.Module):
 
 
 class HybridLM(nn.Module):
-    """Hybrid Gated DeltaNet / softmax-attention causal language model.
+    """Hybrid linear / softmax-attention causal language model, written for one device.
 
     Args:
-        cfg: :class:`lctrain.config.ModelConfig` (all fields are used; see its docstring).
+        cfg: :class:`lctrain.config.ModelConfig` (its ``layer_pattern`` letters pick registered
+            mixers, each built from its config section; see :mod:`lctrain.layers.registry`).
 
     Submodules: ``embed`` (nn.Embedding [vocab, D]), ``layers`` (ModuleList of
     :class:`HybridBlock`, kinds in :attr:`layer_types`), ``norm`` (final RMSNorm), ``lm_head``
@@ -135,19 +101,22 @@ class HybridLM(nn.Module):
     Init (:meth:`reset_parameters`; call it again after ``to_empty`` on a meta-device model):
     every Linear and the embedding ``N(0, init_std)``; the output projection of each residual
     branch (``mixer.o_proj``, ``ffn.down_proj``) ``N(0, init_std / sqrt(2 * n_layers))``
-    (GPT-2, Radford et al. 2019, Sec. 2.3); norm scales 1; short convolutions
-    ``U(+-1/sqrt(conv_size))``; Gated DeltaNet ``A_log``/``dt_bias`` as in
-    :meth:`GatedDeltaNet.reset_decay_parameters`.
+    (GPT-2, Radford et al. 2019, Sec. 2.3); every other lctrain module with its own
+    ``reset_parameters()`` (norm scales 1, short convolutions ``U(+-1/sqrt(conv_size))``, Gated
+    DeltaNet ``A_log``/``dt_bias`` as in :meth:`GatedDeltaNet.reset_decay_parameters`, Lightning
+    slopes) calls it, in module order.
 
-    Activation checkpointing (``cfg.activation_checkpointing``): each block is recomputed in
-    backward (``torch.utils.checkpoint``, ``use_reentrant=False``) when gradients are enabled.
+    Parallelism is applied from outside by ``parallelize()`` of the parallel package (expert
+    sharding, context parallelism, activation checkpointing, data parallelism). Under context
+    parallelism ``sequence_shards`` is the context-parallel degree: the model then receives one
+    shard of each sequence, with the true ``position_ids`` and the global ``cu_seqlens``.
 
     Raises:
         ValueError: bad ``layer_pattern``/``n_layers`` or layer sizes (at construction);
         ImportError: ``kernels='triton'`` without the triton package installed.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg):
         super().__init__()
         self.config = cfg
         self.layer_types = expand_layer_pattern(cfg.layer_pattern, cfg.n_layers)
@@ -157,7 +126,7 @@ class HybridLM(nn.Module):
             )
         if cfg.init_std <= 0:
             raise ValueError(f"model.init_std must be > 0, got {cfg.init_std}")
-        self.activation_checkpointing = cfg.activation_checkpointing
+        self.sequence_shards = 1
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(HybridBlock(kind, cfg, i) for i, kind in enumerate(self.layer_types))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -184,12 +153,10 @@ class HybridLM(nn.Module):
                 nn.init.normal_(m.weight, mean=0.0, std=std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, (RMSNorm, GatedRMSNorm, ShortConvolution)):
-                m.reset_parameters()
-            if isinstance(m, GatedDeltaNet):
-                m.reset_decay_parameters()
-            elif isinstance(m, LightningAttention):
-                m.reset_parameters()
+            elif m is not self and not isinstance(m, MoE) and type(m).__module__.startswith("lctrain."):
+                reset = getattr(m, "reset_parameters", None)
+                if callable(reset):
+                    reset()
         out_std = std / math.sqrt(2 * len(self.layers))
         for block in self.layers:
             nn.init.normal_(block.mixer.o_proj.weight, mean=0.0, std=out_std)
@@ -213,32 +180,20 @@ class HybridLM(nn.Module):
                 f"input_ids must be an integer tensor [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}"
             )
         B, T = input_ids.shape
-        # context parallelism (apply_context_parallel): input_ids is this rank's zigzag shard of a
-        # sequence of cp.degree * T tokens and cu_seqlens holds the global document boundaries
-        cp = getattr(self, "context_parallel", None)
-        if cu_seqlens is not None:
-            if B != 1:
+        if cu_seqlens is not None:  # under context parallelism: global boundaries of a sequence of shards * T
+            check_cu_seqlens(cu_seqlens, T * self.sequence_shards, B)
+        if position_ids is None:
+            if self.sequence_shards > 1:
                 raise ValueError(
-                    "cu_seqlens requires the packed layout: input_ids [1, T] with the documents end to end, "
-                    f"got B={B}"
+                    f"the model holds one of {self.sequence_shards} context-parallel shards of each sequence: pass "
+                    f"the shard's true position_ids (shard_batch of the context-parallel package makes them)"
                 )
-            check_cu_seqlens(cu_seqlens, T * (cp.degree if cp is not None else 1))
-        if position_ids is None and cp is not None:
-            from lctrain.parallel.context import shard_sequence
-
-            full = default_position_ids(B, T * cp.degree, cu_seqlens, input_ids.device)
-            position_ids = shard_sequence(full, cp.degree, cp.rank)
-        elif position_ids is None:
             position_ids = default_position_ids(B, T, cu_seqlens, input_ids.device)
         elif position_ids.shape != (B, T):
             raise ValueError(f"position_ids must be [B, T] = {(B, T)}, got {tuple(position_ids.shape)}")
         x = self.embed(input_ids)
-        ckpt = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.layers:
-            if ckpt:
-                x = checkpoint(block, x, position_ids, cu_seqlens, use_reentrant=False)
-            else:
-                x = block(x, position_ids, cu_seqlens)
+            x = block(x, position_ids, cu_seqlens)
         return self.norm(x)
 
     def forward(
@@ -252,10 +207,11 @@ class HybridLM(nn.Module):
         Args:
             input_ids: int64 (or int32) [B, T] token ids.
             position_ids: int [B, T] position of each token within its document (RoPE angle and
-                short-conv mask). ``None``: derived from ``cu_seqlens`` when given, else ``0..T-1``.
+                short-conv mask). ``None``: derived from ``cu_seqlens`` when given, else ``0..T-1``
+                (required under context parallelism).
                 When given with ``cu_seqlens`` it must restart at 0 at every boundary.
             cu_seqlens: int32 [N + 1] document boundaries of a packed batch (B must be 1);
-                attention and the Gated DeltaNet state never cross a boundary.
+                attention and the recurrent states never cross a boundary.
 
         Returns:
             logits [B, T, vocab_size]: fp32 for an fp32 model, the autocast dtype under autocast.
@@ -280,17 +236,11 @@ class HybridLM(nn.Module):
         """Model FLOPs of one training step (forward + backward) per token, for MFU.
 
         ``6 * N`` for the matmuls (Kaplan et al. 2020, ``C = 6 N`` per token), with ``N`` every
-        parameter except the embedding lookup plus the ``vocab * D`` LM head (tied or not), plus
-        the sequence mixing that parameters do not count, at 3x its forward cost:
-
-        * softmax attention, causal, per layer: forward ``2 * 2 * H * Dh * T/2`` (QK^T and PV
-          over on average T/2 keys) -> ``6 * H * Dh * T`` for training. (Non-causal accountings,
-          e.g. ``12 * H * Dh * T`` in the PaLM appendix, count the masked half too.)
-        * Lightning Attention, per layer: read and write the [Dh, Dh] state, ``2 * 2 * Dh^2``
-          forward per head -> ``12 * H * Dh^2`` for training.
-        * Gated DeltaNet, per layer: the recurrence reads, corrects and writes the [K, V] state,
-          ``3 * 2 * K * V`` forward per head -> ``18 * H * K * V`` for training, independent of
-          T (the chunked kernel's intra-chunk work is an implementation cost, not counted).
+        parameter except the embedding lookup plus the ``vocab * D`` LM head (tied or not), MoE
+        layers counting ``top_k / num_experts`` of their routed experts, plus each mixer's
+        sequence mixing that parameters do not count (the ``flops_per_token`` function of its
+        registry entry: e.g. ``6 H Dh T`` for causal softmax attention, ``18 H K V`` for Gated
+        DeltaNet, ``12 H Dh^2`` for Lightning Attention).
 
         Args:
             seq_len: T, tokens per sequence (or per document when packed), > 0.
@@ -312,12 +262,7 @@ class HybridLM(nn.Module):
                 routed = sum(p.numel() for p in block.ffn.experts.parameters())
                 n -= routed * (1.0 - block.ffn.top_k / block.ffn.experts.num_experts)
         flops = 6.0 * n
-        v_dim = int(cfg.gdn_head_dim * cfg.gdn_expand_v)
         for kind in self.layer_types:
-            if kind == "A":
-                flops += 6.0 * cfg.num_heads * cfg.head_dim * seq_len
-            elif kind == "L":
-                flops += 12.0 * cfg.num_heads * cfg.head_dim * cfg.head_dim
-            else:
-                flops += 18.0 * cfg.gdn_num_heads * cfg.gdn_head_dim * v_dim
+            spec = get_mixer(kind)
+            flops += spec.flops_per_token(mixer_config(cfg, spec), seq_len)
         return flops

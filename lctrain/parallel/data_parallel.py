@@ -1,83 +1,197 @@
-"""Data parallelism over the mesh's ``dp`` axis: DDP (replicated) or FSDP2 (``fully_shard``).
+"""Data-parallel backends behind one small interface: DDP (replicated) and FSDP2 (``fully_shard``).
 
-Both average gradients over the data-parallel ranks; the trainer scales each rank's loss so that
-the averaged gradient equals the gradient of the global-batch mean loss (see
-``lctrain.train.trainer``).
+Every backend averages replicated gradients over the mesh's ``dp`` axis (the flattened
+``dp x cp`` when context parallelism is on: cp ranks replicate the parameters too). The trainer
+talks to a :class:`DataParallel` only:
+
+* :meth:`~DataParallel.wrap` the (already expert-sharded, context-parallel) model;
+* :meth:`~DataParallel.no_sync` on accumulation micro-steps;
+* :meth:`~DataParallel.scale_loss` before ``backward``: the summed micro-batch loss times
+  ``loss_scale / global_tokens`` so that the averaged gradient is the gradient of the global-batch
+  mean loss (``loss_scale`` is the averaging degree);
+* :meth:`~DataParallel.finish_backward` after the last micro-step (expert-parallel weights,
+  skipped by DDP, are reduced over their expert-data-parallel group with the *same* factor);
+* :meth:`~DataParallel.clip_grad_norm_`;
+* :meth:`~DataParallel.state_dict` / :meth:`~DataParallel.load_state_dict` for checkpoints
+  (parameter-name keys without wrapper prefixes, expert weights as global DTensors).
+
+A DeepSpeed engine would be one more subclass.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh
 
+from lctrain.parallel import expert as expert_parallel
 
-def apply_data_parallel(model: nn.Module, mesh: DeviceMesh | None, dp_impl: str, device: torch.device) -> nn.Module:
-    """Wrap ``model`` for data parallelism over ``mesh["dp"]`` (the flattened ``dp x cp`` when cp > 1).
+DP_IMPLS = ("ddp", "fsdp")
+
+
+def model_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """``{"model": ..., "optim": ...}`` for DCP (``optim`` left out when ``optimizer`` is None).
+
+    Keys are parameter names without wrapper prefixes (``get_state_dict``); expert-parallel weights
+    become global ``[E, ...]`` DTensors (:func:`lctrain.parallel.expert.expert_state_to_dtensor`),
+    so any ``ep_degree`` (or one process) loads them.
+    """
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+    return expert_parallel.expert_state_to_dtensor(model, state)
+
+
+def load_model_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
+    """Write a state filled by DCP (from :func:`model_optim_state`) back into ``model`` / ``optimizer``."""
+    expert_parallel.expert_state_to_local(model, state)
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+class DataParallel:
+    """One process (no gradient communication); the base of the real backends.
 
     Args:
-        model: the single-device model, already on ``device``.
-        mesh: the run's mesh (None: single process, returned unchanged).
-        dp_impl: ``ddp`` (DistributedDataParallel) or ``fsdp`` (FSDP2 ``fully_shard`` per block
-            and on the root, parameters sharded over ``dp``).
-        device: this rank's device.
+        loss_scale: factor the summed loss is multiplied by (before ``/ global_tokens``): the
+            number of ranks over which replicated gradients are averaged (1 here).
+    """
+
+    def __init__(self, loss_scale: float = 1.0):
+        self.loss_scale = float(loss_scale)
+        self.model: nn.Module | None = None
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Return the model to train (here: ``model`` itself)."""
+        self.model = model
+        return model
+
+    def no_sync(self, enabled: bool):
+        """Context that skips gradient communication while ``enabled`` (accumulation micro-steps)."""
+        return contextlib.nullcontext()
+
+    def scale_loss(self, loss_sum: torch.Tensor, global_tokens: float) -> torch.Tensor:
+        """``loss_sum * loss_scale / global_tokens``: the tensor to call ``backward`` on."""
+        return loss_sum * (self.loss_scale / global_tokens)
+
+    def finish_backward(self) -> None:
+        """Called once after the last micro-step of an optimizer step (nothing to do here)."""
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Clip all gradients by their global L2 norm (``max_norm <= 0``: no clipping); returns the norm."""
+        limit = max_norm if max_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def state_dict(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        """Model (and optimizer) state for a DCP checkpoint (see :func:`model_optim_state`)."""
+        return model_optim_state(self.model, optimizer)
+
+    def load_state_dict(self, state: dict, optimizer: torch.optim.Optimizer | None) -> None:
+        """Inverse of :meth:`state_dict` after DCP filled ``state``."""
+        load_model_optim_state(self.model, optimizer, state)
+
+
+class DDPDataParallel(DataParallel):
+    """``DistributedDataParallel`` over ``mesh``; expert-parallel weights are left to :meth:`finish_backward`.
+
+    Expert weights sharded over EP ranks differ per rank, so DDP must not average them: they are
+    excluded from DDP and :func:`lctrain.parallel.expert.reduce_expert_grads` sums them over
+    their expert-data-parallel group and divides by ``loss_scale``, which gives exactly the
+    gradient of the single-process model. Clipping then counts each EP rank's experts once
+    (:func:`lctrain.parallel.expert.clip_grad_norm_`).
+    """
+
+    def __init__(self, mesh: DeviceMesh, device: torch.device, loss_scale: float):
+        super().__init__(loss_scale)
+        self.mesh, self.device = mesh, device
+        self.has_experts = False
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        ignore = [n for n, _ in expert_parallel.expert_parameters(model)]
+        self.has_experts = bool(ignore)
+        if ignore:
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+        self.model = nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            process_group=self.mesh.get_group(),
+            broadcast_buffers=False,
+        )
+        return self.model
+
+    def no_sync(self, enabled: bool):
+        return self.model.no_sync() if enabled else contextlib.nullcontext()
+
+    def finish_backward(self) -> None:
+        if self.has_experts:  # the same factor as scale_loss: DDP averaged the others over loss_scale ranks
+            expert_parallel.reduce_expert_grads(self.model, divisor=self.loss_scale)
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        if not self.has_experts:
+            return super().clip_grad_norm_(max_norm)
+        return float(expert_parallel.clip_grad_norm_(self.model, max_norm if max_norm > 0 else float("inf")))
+
+
+class FSDPDataParallel(DataParallel):
+    """FSDP2 ``fully_shard`` on every block of ``model.layers`` and on the root, sharded over ``mesh``."""
+
+    def __init__(self, mesh: DeviceMesh, loss_scale: float):
+        super().__init__(loss_scale)
+        self.mesh = mesh
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in getattr(model, "layers", []):
+            fully_shard(block, mesh=self.mesh)
+        fully_shard(model, mesh=self.mesh)
+        self.model = model
+        return model
+
+    def no_sync(self, enabled: bool):
+        if not enabled:
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def _fsdp():
+            self.model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.model.set_requires_gradient_sync(True)
+
+        return _fsdp()
+
+
+def build_data_parallel(dp_impl: str, mesh: DeviceMesh | None, device: torch.device, loss_scale: float) -> DataParallel:
+    """The backend for ``parallel.dp_impl`` over the gradient-averaging ``mesh`` (None: one process).
 
     Raises:
         ValueError: unknown ``dp_impl``.
     """
+    if dp_impl not in DP_IMPLS:
+        raise ValueError(f"parallel.dp_impl={dp_impl!r}: allowed values are {', '.join(DP_IMPLS)}")
     if mesh is None:
-        return model
-    # context-parallel ranks hold replicated parameters too: average gradients over dp x cp
-    dp_mesh = mesh["dp"] if mesh["cp"].size() == 1 else mesh["dp", "cp"]._flatten("dp_cp")
+        return DataParallel(loss_scale)
     if dp_impl == "ddp":
-        from lctrain.parallel.expert import expert_parameters
-
-        # EP-sharded expert weights differ per EP rank: DDP must not average them
-        # (lctrain.parallel.expert.reduce_expert_grads reduces them over their edp group instead).
-        ignore = [n for n, _ in expert_parameters(model)]
-        if ignore:
-            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
-        return nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            process_group=dp_mesh.get_group(),
-            broadcast_buffers=False,
-        )
-    if dp_impl == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for block in getattr(model, "blocks", []):
-            fully_shard(block, mesh=dp_mesh)
-        fully_shard(model, mesh=dp_mesh)
-        return model
-    raise ValueError(f"parallel.dp_impl={dp_impl!r}: allowed values are ddp, fsdp")
+        return DDPDataParallel(mesh, device, loss_scale)
+    return FSDPDataParallel(mesh, loss_scale)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The underlying module of a DDP wrapper (FSDP2 modules are their own module)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def no_grad_sync(model: nn.Module, enabled: bool):
-    """Context that skips the gradient all-reduce on accumulation micro-steps (``enabled=True``).
-
-    DDP: ``no_sync()``. FSDP2: ``set_requires_gradient_sync(False)`` for the duration.
-    """
-    if not enabled:
-        return contextlib.nullcontext()
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):
-
-        @contextlib.contextmanager
-        def _fsdp():
-            model.set_requires_gradient_sync(False)
-            try:
-                yield
-            finally:
-                model.set_requires_gradient_sync(True)
-
-        return _fsdp()
-    return contextlib.nullcontext()

@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lctrain.kernels.moe.dispatch import combine, local_dispatch_combine
+
 EXPERT_PARAM_ATTR = "_lctrain_expert_parallel"
 
 
@@ -56,18 +58,25 @@ class ExpertParallel:
     ep_degree: int
 
 
-def build_expert_parallel(device_type: str, ep_degree: int) -> ExpertParallel:
-    """Build the ``(edp, ep)`` mesh over every rank of the default group (collective).
+def build_expert_parallel(device_type: str, ep_degree: int, mesh=None) -> ExpertParallel:
+    """The expert-parallel groups of an ``(edp, ep)`` mesh.
+
+    Args:
+        device_type: ``cuda`` or ``cpu`` (used when the mesh is built here).
+        ep_degree: experts are split over this many ranks.
+        mesh: the ``("edp", "ep")`` DeviceMesh from :meth:`lctrain.parallel.mesh.ParallelDims.build_meshes`;
+            None builds it over every rank of the default group (collective).
 
     Raises:
         ValueError: ``ep_degree`` does not divide the world size.
     """
-    from torch.distributed.device_mesh import init_device_mesh
-
     world = dist.get_world_size()
     if ep_degree < 1 or world % ep_degree:
         raise ValueError(f"parallel.ep_degree={ep_degree} must divide the world size {world} (dp x cp)")
-    mesh = init_device_mesh(device_type, (world // ep_degree, ep_degree), mesh_dim_names=("edp", "ep"))
+    if mesh is None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device_type, (world // ep_degree, ep_degree), mesh_dim_names=("edp", "ep"))
     return ExpertParallel(mesh, mesh.get_group("ep"), mesh.get_group("edp"), mesh.get_local_rank("ep"), ep_degree)
 
 
@@ -118,31 +127,43 @@ def dispatch_combine(
         [S, D] in ``x.dtype`` (summed in fp32): ``y_s = sum over slots of s of weight * expert(x_s)``; zero for tokens
         without a slot. Collective over ``ep.ep_group`` (forward and backward) when ``ep`` is given.
     """
+    if ep is None or ep.ep_degree == 1:
+        return local_dispatch_combine(x, slot_token, slot_expert, slot_weight, num_experts, expert_fn)
     S, D = x.shape
     order = torch.argsort(slot_expert, stable=True)
     token_sorted = slot_token[order]
     rows = x[token_sorted]  # [N, D], grouped by global expert
     counts = torch.bincount(slot_expert, minlength=num_experts)
-    if ep is None or ep.ep_degree == 1:
-        y = expert_fn(rows, counts)
-    else:
-        P = ep.ep_degree
-        local = num_experts // P
-        counts_recv = torch.empty_like(counts)
-        dist.all_to_all_single(counts_recv, counts, group=ep.ep_group)  # [P * local]: source-major
-        counts_recv = counts_recv.view(P, local)
-        input_splits = counts.view(P, local).sum(1).tolist()
-        output_splits = counts_recv.sum(1).tolist()
-        recv = AllToAll.apply(rows, output_splits, input_splits, ep.ep_group)  # ordered (source, local expert)
-        local_expert = torch.repeat_interleave(
-            torch.arange(local, device=x.device).repeat(P), counts_recv.flatten().to(x.device)
-        )
-        regroup = torch.argsort(local_expert, stable=True)
-        y_local = expert_fn(recv[regroup], counts_recv.sum(0))
-        y_back = y_local[torch.argsort(regroup)]  # back to (source, local expert) order
-        y = AllToAll.apply(y_back, input_splits, output_splits, ep.ep_group)
-    y = y.float() * slot_weight[order].float()[:, None]  # weighting and the top-k sum in fp32
-    return torch.zeros(S, D, dtype=torch.float32, device=x.device).index_add(0, token_sorted, y).to(x.dtype)
+    P = ep.ep_degree
+    local = num_experts // P
+    counts_recv = torch.empty_like(counts)
+    dist.all_to_all_single(counts_recv, counts, group=ep.ep_group)  # [P * local]: source-major
+    counts_recv = counts_recv.view(P, local)
+    input_splits = counts.view(P, local).sum(1).tolist()
+    output_splits = counts_recv.sum(1).tolist()
+    recv = AllToAll.apply(rows, output_splits, input_splits, ep.ep_group)  # ordered (source, local expert)
+    local_expert = torch.repeat_interleave(
+        torch.arange(local, device=x.device).repeat(P), counts_recv.flatten().to(x.device)
+    )
+    regroup = torch.argsort(local_expert, stable=True)
+    y_local = expert_fn(recv[regroup], counts_recv.sum(0))
+    y_back = y_local[torch.argsort(regroup)]  # back to (source, local expert) order
+    y = AllToAll.apply(y_back, input_splits, output_splits, ep.ep_group)
+    return combine(y, token_sorted, slot_weight[order], S, x.dtype)  # weighting and the top-k sum in fp32
+
+
+class AllToAllDispatcher:
+    """The MoE layer's ``dispatcher`` under expert parallelism: :func:`dispatch_combine` over ``ep``.
+
+    Same call signature as :class:`lctrain.layers.moe.LocalDispatcher`; collective over
+    ``ep.ep_group`` in forward and backward.
+    """
+
+    def __init__(self, ep: ExpertParallel):
+        self.ep = ep
+
+    def __call__(self, x, slot_token, slot_expert, slot_weight, num_experts, expert_fn) -> torch.Tensor:
+        return dispatch_combine(x, slot_token, slot_expert, slot_weight, num_experts, expert_fn, self.ep)
 
 
 def expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -154,7 +175,8 @@ def shard_experts(model: nn.Module, ep: ExpertParallel) -> None:
     """Keep only this rank's experts in every MoE layer of ``model`` (in place).
 
     The model must have been built with all ``E`` experts on every rank (same seed), so that the
-    kept slices equal the single-process weights. Each kept weight is tagged with ``ep`` for
+    kept slices equal the single-process weights. Each layer's ``dispatcher`` becomes an
+    :class:`AllToAllDispatcher`; each kept weight is tagged with ``ep`` for
     :func:`reduce_expert_grads`, DDP exclusion and checkpoints.
 
     Raises:
@@ -164,8 +186,17 @@ def shard_experts(model: nn.Module, ep: ExpertParallel) -> None:
 
     for module in model.modules():
         if isinstance(module, MoE):
-            module.shard_experts(ep)
-            for p in module.experts.parameters():
+            E = module.num_experts
+            if E % ep.ep_degree:
+                raise ValueError(f"model.moe.num_experts={E} is not divisible by parallel.ep_degree={ep.ep_degree}")
+            n = E // ep.ep_degree
+            sl = slice(ep.ep_rank * n, (ep.ep_rank + 1) * n)
+            experts = module.experts
+            experts.gate_up_proj = nn.Parameter(experts.gate_up_proj.data[sl].clone())
+            experts.down_proj = nn.Parameter(experts.down_proj.data[sl].clone())
+            experts.num_experts = n
+            module.dispatcher = AllToAllDispatcher(ep)
+            for p in experts.parameters():
                 setattr(p, EXPERT_PARAM_ATTR, ep)
 
 

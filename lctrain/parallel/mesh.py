@@ -1,9 +1,11 @@
-"""Process group start-up and the named device mesh (axes ``dp`` and ``cp``).
+"""Process group start-up and the device meshes of one run, built in one place.
 
-One :class:`~torch.distributed.device_mesh.DeviceMesh` is built once from the recipe's
-``parallel`` section and passed down explicitly; layers never read global process-group state.
-Expert parallelism folds over the ``dp x cp`` ranks (Megatron's "parallel folding"), so it adds
-no mesh dimension of its own.
+:class:`ParallelDims` holds the degrees and builds every mesh from the same world of ranks
+``0..world-1`` (:meth:`ParallelDims.build_meshes`): the ``("dp", "cp")`` mesh (data and context
+parallelism) and, when ``ep > 1``, the ``("edp", "ep")`` mesh of expert parallelism, which folds
+over the same ``dp x cp`` ranks (Megatron's "parallel folding": flat rank ``r = edp_rank * ep +
+ep_rank``) and so adds no dimension of its own. Meshes are passed down explicitly; layers never
+read global process-group state.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class DistEnv:
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """Degrees of each parallel axis; ``dp * cp == world_size``."""
+    """Degrees of each parallel axis; ``dp * cp == world_size`` and ``ep`` divides it."""
 
     dp: int
     cp: int
@@ -45,6 +47,39 @@ class ParallelDims:
     @property
     def world_size(self) -> int:
         return self.dp * self.cp
+
+    @property
+    def grad_average_degree(self) -> int:
+        """Ranks over which replicated gradients are averaged (``dp * cp``: cp ranks replicate parameters too)."""
+        return self.dp * self.cp
+
+    def build_meshes(self, env: DistEnv) -> Meshes:
+        """Every mesh of the run (collective over all ranks; empty :class:`Meshes` for one process)."""
+        if env.backend is None:
+            return Meshes(None, None)
+        world = init_device_mesh(env.device.type, (self.dp, self.cp), mesh_dim_names=("dp", "cp"))
+        ep = None
+        if self.ep > 1:
+            ep = init_device_mesh(env.device.type, (self.world_size // self.ep, self.ep), mesh_dim_names=("edp", "ep"))
+        return Meshes(world, ep)
+
+
+@dataclass(frozen=True)
+class Meshes:
+    """The meshes of a run: ``world`` ``("dp", "cp")`` and ``ep`` ``("edp", "ep")`` (None when not used)."""
+
+    world: DeviceMesh | None
+    ep: DeviceMesh | None
+
+    def dp_rank(self) -> int:
+        """This rank's index on the ``dp`` axis (0 for one process)."""
+        return self.world["dp"].get_local_rank() if self.world is not None else 0
+
+    def grad_mesh(self) -> DeviceMesh | None:
+        """The 1-D mesh over which replicated gradients are averaged: ``dp``, or ``dp x cp`` flattened."""
+        if self.world is None:
+            return None
+        return self.world["dp"] if self.world["cp"].size() == 1 else self.world["dp", "cp"]._flatten("dp_cp")
 
 
 def resolve_dims(cfg: ParallelConfig, world_size: int) -> ParallelDims:
@@ -102,13 +137,6 @@ def init_distributed(cfg: ParallelConfig, timeout_s: float = 600.0) -> DistEnv:
         return DistEnv(0, 1, 0, torch.device("cuda", 0) if use_cuda else torch.device("cpu"), None)
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return DistEnv(rank, world, local_rank, device, dist.get_backend())
-
-
-def build_mesh(dims: ParallelDims, env: DistEnv) -> DeviceMesh | None:
-    """A 2-D mesh with named axes ``("dp", "cp")``; None for a single process without a group."""
-    if env.backend is None:
-        return None
-    return init_device_mesh(env.device.type, (dims.dp, dims.cp), mesh_dim_names=("dp", "cp"))
 
 
 def barrier() -> None:

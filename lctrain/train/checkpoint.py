@@ -41,14 +41,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
 
-from lctrain.parallel.expert import expert_state_to_dtensor, expert_state_to_local
+from lctrain.parallel.data_parallel import load_model_optim_state, model_optim_state
 
 COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
@@ -159,16 +153,6 @@ def _write_rng_state(directory: Path, rank: int) -> None:
     torch.save(_rng_state(), path)
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
-
-
-def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    if optimizer is None:
-        state = {"model": get_model_state_dict(model)}
-    else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-    # expert-parallel weights: saved as one global [E, ...] tensor, so any ep_degree can load them
-    return expert_state_to_dtensor(model, state)
 
 
 def list_checkpoints(ckpt_root: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -293,7 +277,7 @@ def save_checkpoint(
     _on_rank0(prepare, f"preparing {tmp}")
 
     with _quiet_single_process():
-        dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(tmp), no_dist=not _dist_on())
+        dcp.save(model_optim_state(model, optimizer), checkpoint_id=str(tmp), no_dist=not _dist_on())
     error = None
     try:
         _write_rng_state(tmp, rank)
@@ -382,13 +366,9 @@ def load_checkpoint(
         # get_state_dict only materialises the (lazy) AdamW state of a fresh optimizer when no
         # gradient is set; with stale gradients the optimizer state would silently stay empty.
         optimizer.zero_grad(set_to_none=True)
-    state = _state_dicts(model, optimizer)
+    state = model_optim_state(model, optimizer)
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(path), no_dist=not _dist_on())
-    expert_state_to_local(model, state)
-    if optimizer is None:
-        set_model_state_dict(model, state["model"])
-    else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    load_model_optim_state(model, optimizer, state)
     _set_rng_state(torch.load(rng_file, weights_only=True))
     return json.loads((path / TRAINER_STATE).read_text())

@@ -282,3 +282,88 @@ class MetricsLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------------------- routing statistics
+ROUTING_HISTORY_KEYS = ("load_max_mean", "aux_loss", "z_loss", "dropped_frac")
+
+
+@torch.no_grad()
+def routing_step(model: torch.nn.Module, group=None) -> dict | None:
+    """Reduce every routed layer's step statistics over ranks, run its ``after_step``, reset them.
+
+    Collective over ``group`` (default: the world) when a process group exists: one all-reduce of
+    every layer's :meth:`lctrain.layers.routing.RoutingStats.pack`. Call once per optimizer step,
+    after ``optimizer.step()`` (a layer's ``after_step`` updates e.g. the DeepSeek-V3 expert bias
+    from the reduced loads).
+
+    Returns:
+        None when the model has no routed layer; else ``{"aux_loss", "z_loss", "dropped_frac",
+        "load_max_mean", "layers": [{"name", "tokens_per_expert": [...], "load_max_mean"}]}``:
+        losses are per-layer values (coefficient included) averaged over forward calls and summed
+        over layers; ``load_max_mean`` is max/mean of routed slots per expert (1.0 = perfectly
+        even), averaged over layers.
+    """
+    import torch.distributed as dist
+
+    from lctrain.layers.routing import RoutingStats, routed_layers
+
+    layers = routed_layers(model)
+    if not layers:
+        return None
+    packed = torch.cat([m.routing_stats.pack() for _, m in layers])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(packed, group=group)
+    out_layers, aux, z, dropped, slots = [], 0.0, 0.0, 0.0, 0.0
+    offset = 0
+    for name, m in layers:
+        E = m.routing_stats.num_experts
+        n = E + 5
+        stats = RoutingStats.unpack(packed[offset:offset + n], E)
+        offset += n
+        calls = max(float(stats.calls), 1.0)
+        aux += float(stats.aux_loss) / calls
+        z += float(stats.z_loss) / calls
+        dropped += float(stats.dropped)
+        slots += float(stats.slots)
+        mean = float(stats.load.mean())
+        ratio = float(stats.load.max()) / mean if mean > 0 else float("nan")
+        out_layers.append({"name": name, "tokens_per_expert": stats.load.tolist(), "load_max_mean": ratio})
+        m.after_step(stats)
+        m.routing_stats.reset()
+    ratios = [x["load_max_mean"] for x in out_layers]
+    return {
+        "aux_loss": aux, "z_loss": z, "dropped_frac": dropped / slots if slots > 0 else 0.0,
+        "load_max_mean": sum(ratios) / len(ratios), "layers": out_layers,
+    }
+
+
+class RoutingHistory:
+    """Per-step routing scalars of a run (what ``summary.json`` reports under ``moe``), checkpointable.
+
+    :meth:`record` takes one :func:`routing_step` result and returns its TensorBoard scalars.
+    """
+
+    def __init__(self) -> None:
+        self.history: dict[str, list[float]] = {k: [] for k in ROUTING_HISTORY_KEYS}
+        self.last: dict | None = None
+
+    def record(self, stats: dict) -> dict[str, float]:
+        """Append ``stats`` (a :func:`routing_step` result); returns ``moe/...`` scalars for the logger."""
+        self.last = stats
+        out = {f"moe/{k}": stats[k] for k in ROUTING_HISTORY_KEYS}
+        for k in ROUTING_HISTORY_KEYS:
+            self.history[k].append(stats[k])
+        for layer in stats["layers"]:
+            out[f"moe/load_max_mean/{layer['name']}"] = layer["load_max_mean"]
+        return out
+
+    def summary(self) -> dict:
+        """``{history keys..., "final_layers"}`` for ``summary.json``."""
+        return {**self.history, "final_layers": self.last["layers"] if self.last else None}
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = {k: list(state.get("history", {}).get(k, [])) for k in ROUTING_HISTORY_KEYS}

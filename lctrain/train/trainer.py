@@ -30,29 +30,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lctrain.config import ConfigError, RunConfig, to_dict, to_yaml
-from lctrain.data import build_data, collate_packed
+from lctrain.config import ConfigError, RunConfig, check_mixers_context_parallel, to_dict, to_yaml
+from lctrain.data import IGNORE_INDEX, build_data, collate_packed, next_micro_batches
 from lctrain.data.sampler import DistributedBatchSampler
 from lctrain.data.tokenizer import check_vocab
-from lctrain.layers.moe import finish_step as moe_finish_step
-from lctrain.layers.moe import moe_layers, set_aux_loss_scale
+from lctrain.layers.routing import routed_layers, set_aux_loss_scale
 from lctrain.models import HybridLM
-from lctrain.parallel import expert as expert_parallel
-from lctrain.parallel.context import (
-    apply_context_parallel,
-    build_context_parallel,
-    check_cp_layout,
-    cp_groups_from_mesh,
-    shard_batch,
-)
-from lctrain.parallel.data_parallel import apply_data_parallel, no_grad_sync
-from lctrain.parallel.mesh import DistEnv, barrier, build_mesh, init_distributed, resolve_dims
+from lctrain.parallel import parallelize
+from lctrain.parallel.context import shard_batch
+from lctrain.parallel.mesh import DistEnv, barrier, init_distributed, resolve_dims
 from lctrain.train.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
-from lctrain.train.metrics import MetricsLogger, mfu, write_summary
+from lctrain.train.metrics import MetricsLogger, RoutingHistory, mfu, routing_step, write_summary
 from lctrain.train.optim import build_optimizer
 from lctrain.train.schedule import build_scheduler
-
-IGNORE_INDEX = -100
 
 
 class NonFiniteLossError(RuntimeError):
@@ -87,6 +77,9 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 class Trainer:
     """Runs one recipe: builds mesh, data, model and optimizer, then trains and checkpoints.
 
+    Construction is a sequence of build steps (:meth:`_build_parallel_layout`,
+    :meth:`_build_data`, :meth:`_build_model`, :meth:`_build_optimizer`), then resume.
+
     Args:
         cfg: a validated :class:`~lctrain.config.RunConfig`.
 
@@ -98,15 +91,33 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        t, p = cfg.train, cfg.parallel
+        self._build_parallel_layout()
+        self.out_dir = Path(cfg.train.out_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        if self.env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
+        seed_everything(cfg.train.seed)
+        self._build_data()
+        seed_everything(cfg.train.seed)  # model init independent of how much randomness data prep used
+        self._build_model()
+        self._build_optimizer()
+        self.state = TrainState()
+        self.routing = RoutingHistory()
+        self.routing_last: dict | None = None
+        use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+        self._maybe_resume()
+
+    # ------------------------------------------------------------------ build steps
+    def _build_parallel_layout(self) -> None:
+        """Process group, degrees (checked against the world size and the model) and meshes."""
+        cfg, t, p = self.cfg, self.cfg.train, self.cfg.parallel
         self.env: DistEnv = init_distributed(p)
         self.dims = resolve_dims(p, self.env.world_size)
         if self.dims.cp > 1:  # also checked by config.validate; repeated for configs built in code
-            check_cp_layout(
-                self.dims.cp, p.cp_impl, p.ulysses_degree, cfg.data.seq_len,
-                cfg.model.num_heads if "A" in cfg.model.layer_pattern else None, cfg.model.num_kv_heads,
-                cfg.model.conv_size,
-            )
+            check_mixers_context_parallel(cfg.model, self.dims.cp, p.cp_impl, p.ulysses_degree, cfg.data.seq_len)
         if self.dims.ep > 1 and p.dp_impl != "ddp":
             raise ConfigError(
                 f"parallel.ep_degree={self.dims.ep} needs parallel.dp_impl=ddp (expert weights are excluded from "
@@ -118,17 +129,13 @@ class Trainer:
                 f"train.global_batch_size={t.global_batch_size} must be a multiple of train.micro_batch_size="
                 f"{t.micro_batch_size} x data-parallel degree {dp} = {t.micro_batch_size * dp}"
             )
-        self.mesh = build_mesh(self.dims, self.env)
-        self.dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+        self.meshes = self.dims.build_meshes(self.env)
+        self.dp_rank = self.meshes.dp_rank()
         self.device = self.env.device
-        self.out_dir = Path(t.out_dir)
-        self.ckpt_root = self.out_dir / "checkpoints"
-        if self.env.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
-        seed_everything(t.seed)
 
-        # Data: rank 0 builds tokenizer and token caches first, the others then read them.
+    def _build_data(self) -> None:
+        """Tokenizer and packed datasets; rank 0 builds the caches first, the others then read them."""
+        cfg = self.cfg
         cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out_dir.parent / ".cache" / "data"
         if not self.env.is_main:
             barrier()
@@ -139,32 +146,23 @@ class Trainer:
             barrier()
         check_vocab(self.tokenizer, cfg.model.vocab_size)
 
-        seed_everything(t.seed)  # model init independent of how much randomness data prep used
-        model = HybridLM(cfg.model).to(self.device)
+    def _build_model(self) -> None:
+        """The single-device model, then :func:`lctrain.parallel.parallelize` from outside."""
+        model = HybridLM(self.cfg.model).to(self.device)
         self.num_params = sum(p.numel() for p in model.parameters())
-        self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
-        self.has_moe = bool(moe_layers(model))
-        self.moe_history: dict[str, list] = {"load_max_mean": [], "aux_loss": [], "z_loss": [], "dropped_frac": []}
-        self.moe_last: dict | None = None
-        self.ep = None
-        if self.dims.ep > 1:  # every rank built all experts from the same seed; keep this rank's share
-            self.ep = expert_parallel.build_expert_parallel(self.device.type, self.dims.ep)
-            expert_parallel.shard_experts(model, self.ep)
-        self.cp = None  # ContextParallel handle; the mixers get it through apply_context_parallel
-        if self.dims.cp > 1:
-            self.cp = build_context_parallel(cp_groups_from_mesh(self.mesh), p.cp_impl, p.ulysses_degree)
-            apply_context_parallel(model, self.cp)
-        self.model = apply_data_parallel(model, self.mesh, p.dp_impl, self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
+        self.flops_per_token = model.flops_per_token(self.cfg.data.seq_len)
+        self.has_routing = bool(routed_layers(model))
+        par = parallelize(model, self.dims, self.meshes, self.cfg, self.env)
+        self.model, self.dp, self.cp, self.ep = par.model, par.dp, par.cp, par.ep
+
+    def _build_optimizer(self) -> None:
+        """AdamW, the LR schedule and the data-parallel batch sampler."""
+        t = self.cfg.train
+        self.optimizer = build_optimizer(self.model, self.cfg.optim, self.device.type)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, t.max_steps)
         self.sampler = DistributedBatchSampler(
-            len(self.train_set), t.global_batch_size, t.micro_batch_size, self.dp_rank, dp, seed=t.seed
+            len(self.train_set), t.global_batch_size, t.micro_batch_size, self.dp_rank, self.dims.dp, seed=t.seed
         )
-        self.state = TrainState()
-        use_bf16 = t.dtype == "bf16" or (t.dtype == "auto" and self.device.type == "cuda")
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
-        self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
-        self._maybe_resume()
 
     # ------------------------------------------------------------------ checkpoints
     def _maybe_resume(self) -> None:
@@ -182,6 +180,8 @@ class Trainer:
             step=s["step"], tokens=s["tokens"], losses=list(s["losses"]),
             val_history=[list(x) for x in s["val_history"]], skipped_steps=list(s.get("skipped_steps", [])),
         )
+        if "routing" in extra:
+            self.routing.load_state_dict(extra["routing"])
         if self.env.is_main:
             print(f"[lctrain] resumed from {path} at step {self.state.step}", flush=True)
 
@@ -194,6 +194,7 @@ class Trainer:
                 "step": self.state.step, "tokens": self.state.tokens, "losses": self.state.losses,
                 "val_history": self.state.val_history, "skipped_steps": self.state.skipped_steps,
             },
+            "routing": self.routing.state_dict(),
             "config": to_dict(self.cfg),
             "world_size": self.env.world_size,
         }
@@ -222,14 +223,14 @@ class Trainer:
 
     def next_micro_batches(self) -> list[dict]:
         """This rank's packed micro-batches for the next optimizer step (advances the sampler)."""
-        return [self._to_device(collate_packed([self.train_set[i] for i in mb])) for mb in self.sampler.next_global_batch()]
+        return [self._to_device(b) for b in next_micro_batches(self.train_set, self.sampler)]
 
     def forward_backward(self, micro: list[dict]) -> float:
         """Accumulate gradients of the global-batch mean loss over ``micro``; returns that mean loss.
 
-        Each micro-batch's summed loss is scaled by ``dp / global_tokens`` so that the gradient
-        average DDP/FSDP take over ``dp`` ranks equals the gradient of the mean over all labelled
-        tokens of the global batch, whatever the world size.
+        Each micro-batch's summed loss goes through ``dp.scale_loss`` (times the averaging degree,
+        over ``global_tokens``) so that the gradient average of the data-parallel backend equals the
+        gradient of the mean over all labelled tokens of the global batch, whatever the world size.
         """
         local_tokens = float(sum(int(b["num_tokens"]) for b in micro)) / self.dims.cp  # cp ranks share a batch
         (global_tokens,) = _all_reduce_sum([local_tokens], self.device)
@@ -239,12 +240,11 @@ class Trainer:
         set_aux_loss_scale(self.model, 1.0 / len(micro))
         loss_sum = 0.0
         for i, batch in enumerate(micro):
-            with no_grad_sync(self.model, enabled=i < len(micro) - 1):
+            with self.dp.no_sync(enabled=i < len(micro) - 1):
                 ls = self.forward_loss_sum(batch)
-                (ls * (self.dims.dp * self.dims.cp / global_tokens)).backward()
+                self.dp.scale_loss(ls, global_tokens).backward()
             loss_sum += float(ls.detach())
-        if self.ep is not None:  # DDP skipped the expert weights; same factor as the loss scaling above
-            expert_parallel.reduce_expert_grads(self.model, divisor=self.dims.dp * self.dims.cp)
+        self.dp.finish_backward()
         (total,) = _all_reduce_sum([loss_sum], self.device)
         return total / global_tokens
 
@@ -258,17 +258,12 @@ class Trainer:
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             return loss, float("nan")
-        clip = self.cfg.optim.grad_clip
-        if self.ep is not None:  # expert gradients differ across EP ranks: their norm is summed over EP
-            grad_norm = expert_parallel.clip_grad_norm_(self.model, clip if clip > 0 else float("inf"))
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        grad_norm = self.dp.clip_grad_norm_(self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        if self.has_moe:  # loads all-reduced over every rank; expert biases updated after the step
-            self.moe_last = moe_finish_step(self.model)
+        if self.has_routing:  # loads all-reduced over every rank; expert biases updated after the step
+            self.routing_last = routing_step(self.model)
         return loss, grad_norm
 
     @torch.no_grad()
@@ -293,6 +288,14 @@ class Trainer:
         self.model.train()
         return total / max(total_count, 1.0)
 
+    def _evaluate_and_log(self, step: int, logger: MetricsLogger) -> None:
+        """Validation loss at ``step``: recorded in the history and logged (no-op without validation data)."""
+        if len(self.val_set) == 0:
+            return
+        val = self.evaluate()
+        self.state.val_history.append([step, val])
+        logger.log_eval(step, {"val/loss": val, "val/ppl": math.exp(min(val, 50.0))})
+
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
         """Train to ``train.max_steps``; returns the summary written to ``summary.json``."""
@@ -305,13 +308,12 @@ class Trainer:
         run_tokens, run_time = 0, 0.0
         last_ckpt: Path | None = find_latest_checkpoint(self.ckpt_root)
         try:
-            if self.state.step == 0 and len(self.val_set) > 0:
-                val = self.evaluate()
-                self.state.val_history.append([0, val])
-                logger.log_eval(0, {"val/loss": val, "val/ppl": math.exp(min(val, 50.0))})
+            if self.state.step == 0:
+                self._evaluate_and_log(0, logger)
             while self.state.step < t.max_steps:
                 step = self.state.step + 1
                 t0 = time.perf_counter()
+                self.routing_last = None
                 loss, grad_norm = self.train_step()
                 dt = time.perf_counter() - t0
                 if not math.isfinite(loss):
@@ -339,23 +341,19 @@ class Trainer:
                 util = mfu(self.flops_per_token, tps / self.env.world_size, self.device)
                 if util is not None:
                     metrics["mfu"] = util
-                if self.moe_last is not None:
-                    metrics.update(self._moe_metrics(self.moe_last))
+                if self.routing_last is not None:
+                    metrics.update(self.routing.record(self.routing_last))
                 if step % t.log_every == 0 or step == t.max_steps:
                     logger.log_step(step, metrics)
-                    if self.moe_last is not None:
-                        for layer in self.moe_last["layers"]:
+                    if self.routing_last is not None:
+                        for layer in self.routing_last["layers"]:
                             logger.log_histogram(f"moe/load/{layer['name']}", layer["tokens_per_expert"], step)
-                if t.eval_every and step % t.eval_every == 0 and step != t.max_steps and len(self.val_set) > 0:
-                    val = self.evaluate()
-                    self.state.val_history.append([step, val])
-                    logger.log_eval(step, {"val/loss": val, "val/ppl": math.exp(min(val, 50.0))})
+                if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
+                    self._evaluate_and_log(step, logger)
                 if t.checkpoint_every and step % t.checkpoint_every == 0 and step != t.max_steps:
                     last_ckpt = self.save()
-            if len(self.val_set) > 0 and (not self.state.val_history or self.state.val_history[-1][0] != t.max_steps):
-                val = self.evaluate()
-                self.state.val_history.append([self.state.step, val])
-                logger.log_eval(self.state.step, {"val/loss": val, "val/ppl": math.exp(min(val, 50.0))})
+            if not self.state.val_history or self.state.val_history[-1][0] != t.max_steps:
+                self._evaluate_and_log(self.state.step, logger)
             if t.checkpoint_every >= 0:
                 last_ckpt = self.save()
         finally:
@@ -372,15 +370,6 @@ class Trainer:
                 flush=True,
             )
         return summary
-
-    def _moe_metrics(self, stats: dict) -> dict:
-        """Scalars of one step's MoE statistics, also appended to the run's history."""
-        out = {f"moe/{k}": stats[k] for k in ("aux_loss", "z_loss", "dropped_frac", "load_max_mean")}
-        for k in self.moe_history:
-            self.moe_history[k].append(stats[k])
-        for layer in stats["layers"]:
-            out[f"moe/load_max_mean/{layer['name']}"] = layer["load_max_mean"]
-        return out
 
     def _summary(self, run_tokens: int, run_time: float, wall: float) -> dict:
         vh = self.state.val_history
@@ -403,10 +392,7 @@ class Trainer:
             "dp_degree": self.dims.dp,
             "cp_degree": self.dims.cp,
             "ep_degree": self.dims.ep,
-            "moe": None if not self.has_moe else {
-                **self.moe_history,
-                "final_layers": self.moe_last["layers"] if self.moe_last else None,
-            },
+            "moe": self.routing.summary() if self.has_routing else None,
             "num_params": self.num_params,
             "device": str(self.device),
         }

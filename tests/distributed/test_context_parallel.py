@@ -59,7 +59,7 @@ def _worker(rank: int, world: int, port: int, out_file: str) -> None:
 def _checks(rank: int, world: int) -> dict[str, float]:
     from lctrain.kernels.gated_delta_rule import chunk_gated_delta_rule
     from lctrain.kernels.lightning_attn import chunk_lightning_attn
-    from lctrain.layers.attention import softmax_attention
+    from lctrain.kernels.softmax_attn import softmax_attention
     from lctrain.layers.conv import ShortConvolution
     from lctrain.parallel.context import (
         build_context_parallel,
@@ -136,7 +136,7 @@ def _checks(rank: int, world: int) -> dict[str, float]:
             q, k, v = (torch.randn(B, T, n, 16, generator=gen) for n in (Hq, 2, 2))
             compare(
                 f"attn_ring_flash_{name}",
-                lambda q, k, v, cus=cus: context_parallel_attention(q, k, v, cus, cp, use_flash=True),
+                lambda q, k, v, cus=cus: context_parallel_attention(q, k, v, cus, cp, kernels="triton"),
                 lambda q, k, v, cus=cus: softmax_attention(q, k, v, cu_seqlens=cus),
                 [q, k, v],
             )
@@ -183,6 +183,38 @@ def _checks(rank: int, world: int) -> dict[str, float]:
             [q, k, v],
         )
 
+    if P == 2:
+        # --- a Lightning layer with kernels=triton under CP: the swapped op keeps the Triton kernel
+        # (run under the interpreter here) and matches the one-process layer on the torch path
+        from lctrain.kernels.lightning_attn import triton_chunk
+        from lctrain.layers.lightning import LightningAttention
+        from lctrain.parallel.context import apply_context_parallel
+
+        torch.manual_seed(2)
+        tri_layer = LightningAttention(16, 2, 8, layer_idx=0, n_layers=2, chunk_size=16, kernels="triton")
+        ref_layer = LightningAttention(16, 2, 8, layer_idx=0, n_layers=2, chunk_size=16, kernels="torch")
+        ref_layer.load_state_dict(tri_layer.state_dict())
+        real, calls = triton_chunk.chunk_lightning_attn_triton, []
+
+        def counting(*a, **kw):
+            calls.append(1)
+            return real(*a, **kw)
+
+        triton_chunk.chunk_lightning_attn_triton = counting
+        try:
+            apply_context_parallel(tri_layer, cp)
+            x = torch.randn(1, T, 16, generator=gen)
+            compare(
+                "lightning_layer_triton",
+                lambda x: tri_layer(x, None, cu),
+                lambda x: ref_layer(x, None, cu),
+                [x],
+            )
+        finally:
+            triton_chunk.chunk_lightning_attn_triton = real
+            apply_context_parallel(tri_layer, None)
+        res["lightning_layer_triton/ran_triton"] = 0.0 if calls else 1.0
+
     # --- short convolution halo (with document masks through true positions)
     from lctrain.layers.rope import position_ids_from_cu_seqlens
 
@@ -200,6 +232,9 @@ def _checks(rank: int, world: int) -> dict[str, float]:
 
     # --- whole hybrid model (G, A, L layers, FFNs, embeddings): logits and every parameter gradient
     from lctrain.config import ModelConfig
+    from lctrain.layers.attention import AttentionConfig
+    from lctrain.layers.gated_deltanet import GatedDeltaNetConfig
+    from lctrain.layers.lightning import LightningConfig
     from lctrain.models import HybridLM
     from lctrain.parallel.context import apply_context_parallel
 
@@ -207,8 +242,10 @@ def _checks(rank: int, world: int) -> dict[str, float]:
     for impl, h in handles.items() if P == 2 else [("usp", handles["usp"])]:
         torch.manual_seed(3)
         cfg = ModelConfig(
-            vocab_size=64, d_model=32, n_layers=3, layer_pattern="GAL", num_heads=4, num_kv_heads=2, head_dim=8,
-            gdn_num_heads=2, gdn_head_dim=8, conv_size=4, chunk_size=8,
+            vocab_size=64, d_model=32, n_layers=3, layer_pattern="GAL",
+            attn=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8),
+            gdn=GatedDeltaNetConfig(num_heads=2, head_dim=8, conv_size=4, chunk_size=8),
+            lightning=LightningConfig(num_heads=4, head_dim=8, chunk_size=8),
         )
         model = HybridLM(cfg)
         ids = torch.randint(0, 64, (1, T), generator=torch.Generator().manual_seed(5))
@@ -217,7 +254,7 @@ def _checks(rank: int, world: int) -> dict[str, float]:
         def run_cp(model=model, h=h, ids=ids):
             apply_context_parallel(model, h)
             try:
-                return model(sh(ids), cu_seqlens=cu)
+                return model(sh(ids), position_ids=sh(pos), cu_seqlens=cu)
             finally:
                 apply_context_parallel(model, None)
 
@@ -239,7 +276,7 @@ def _expected(world: int) -> set[str]:
         if world == 2 or impl == "usp":
             names.add(f"model_GAL_{impl}")
     if world == 2:
-        names |= {"attn_ring_flash_b2_causal", "attn_ring_flash_docs", "gdn_docs_triton"}
+        names |= {"attn_ring_flash_b2_causal", "attn_ring_flash_docs", "gdn_docs_triton", "lightning_layer_triton"}
     return names | {"gdn_docs", "gdn_b2", "lightning_docs", "lightning_b2", "conv_halo_docs"}
 
 

@@ -107,7 +107,7 @@ def _layer_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             ref_norm = torch.stack([q.grad.norm() for q in ref.parameters()]).norm()
             err["grad_norm"] = abs(float(clip_grad_norm_(layer, float("inf"))) - float(ref_norm)) / float(ref_norm)
             errors[name] = err
-            errors[name + "_dropped"] = float(layer.step_stats[2])
+            errors[name + "_dropped"] = float(layer.routing_stats.dropped)
             if name == "ep2_capacity":  # EP-sharded checkpoint (params + AdamW moments) for the parent to load
                 opt = build_optimizer(layer, OptimConfig(lr=1e-2), "cpu")
                 opt.step()

@@ -298,9 +298,9 @@ def test_layer_kernel_selection():
     from lctrain.layers.gated_deltanet import GatedDeltaNet
 
     x = torch.zeros(1, 4, 32, device=DEV)
-    assert GatedDeltaNet(32, 2, 16, kernels="triton")._delta_rule_fn(x) is chunk_gated_delta_rule_triton
-    assert GatedDeltaNet(32, 2, 16, kernels="torch")._delta_rule_fn(x).func is chunk_gated_delta_rule
-    auto = GatedDeltaNet(32, 2, 16, kernels="auto")._delta_rule_fn(x)
+    assert GatedDeltaNet(32, 2, 16, kernels="triton").delta_rule_op.kernel(x) is chunk_gated_delta_rule_triton
+    assert GatedDeltaNet(32, 2, 16, kernels="torch").delta_rule_op.kernel(x).func is chunk_gated_delta_rule
+    auto = GatedDeltaNet(32, 2, 16, kernels="auto").delta_rule_op.kernel(x)
     if DEV == "cuda":
         assert auto is chunk_gated_delta_rule_triton
     else:

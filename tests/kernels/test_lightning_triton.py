@@ -20,6 +20,7 @@ from lctrain.kernels.lightning_attn import (
     chunk_lightning_attn_triton,
     naive_recurrent_lightning_attn,
 )
+from lctrain.layers import AttentionConfig, LightningConfig
 from lctrain.models import HybridLM
 
 TOL = 1e-5
@@ -150,9 +151,8 @@ def _train_losses(kernels: str, steps: int = 3) -> list[float]:
         d_model=64,
         n_layers=2,
         layer_pattern="LA",
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=32,
+        attn=AttentionConfig(num_heads=2, num_kv_heads=1, head_dim=32),
+        lightning=LightningConfig(num_heads=2, head_dim=32),
         init_std=0.02,
         kernels=kernels,
     )

@@ -250,7 +250,7 @@ def _base(B=1, T=10, H=2, K=4, V=3):
         (lambda a: a.update(q=torch.ones(1, 10, 2, 4, dtype=torch.long)), "floating-point"),
         (lambda a: a.update(chunk_size=0), "chunk_size"),
         (lambda a: a.update(initial_state=torch.zeros(2, 2, 4, 3)), r"initial_state must be \[N=1"),
-        (lambda a: a.update(cu_seqlens=torch.tensor([0, 4, 8], dtype=torch.int32)), "end at T=10"),
+        (lambda a: a.update(cu_seqlens=torch.tensor([0, 4, 8], dtype=torch.int32)), "packed length T=10"),
         (lambda a: a.update(cu_seqlens=torch.tensor([1, 4, 10], dtype=torch.int32)), "start at 0"),
         (lambda a: a.update(cu_seqlens=torch.tensor([0, 6, 4, 10], dtype=torch.int32)), "non-decreasing"),
         (lambda a: a.update(cu_seqlens=torch.tensor([0.0, 10.0])), "integer"),

@@ -81,7 +81,7 @@ def test_state_carries_across_calls():
     "kwargs, match",
     [
         (dict(slope=torch.zeros(3)), "slope must be"),
-        (dict(cu_seqlens=torch.tensor([0, 5, 40])), "end at|to T"),
+        (dict(cu_seqlens=torch.tensor([0, 5, 40])), "packed length T=32"),
         (dict(initial_state=torch.zeros(1, 2, 8, 8)), "initial_state"),
         (dict(chunk_size=0), "chunk_size"),
     ],
@@ -116,8 +116,9 @@ def test_hybrid_model_with_lightning_layers_trains_a_step():
     from lctrain.config import load_config
     from lctrain.models import HybridLM
 
-    cfg = load_config(["recipe=hybrid_lightning_3to1", "model.d_model=64", "model.num_heads=2",
-                       "model.num_kv_heads=1", "model.head_dim=32", "model.vocab_size=128"]).model
+    cfg = load_config(["recipe=hybrid_lightning_3to1", "model.d_model=64", "model.attn.num_heads=2",
+                       "model.attn.num_kv_heads=1", "model.attn.head_dim=32", "model.lightning.num_heads=2",
+                       "model.lightning.head_dim=32", "model.vocab_size=128"]).model
     model = HybridLM(cfg)
     assert model.layer_types == "LLLA"
     ids = torch.randint(0, 128, (2, 40))

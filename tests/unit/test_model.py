@@ -14,7 +14,11 @@ import torch.nn.functional as F
 
 from lctrain.config import ModelConfig
 from lctrain.layers import Attention, GatedDeltaNet
+from lctrain.layers.attention import AttentionConfig
+from lctrain.layers.gated_deltanet import GatedDeltaNetConfig
+from lctrain.layers.lightning import LightningConfig
 from lctrain.models import HybridLM, expand_layer_pattern
+from lctrain.parallel import apply_activation_checkpointing
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -28,12 +32,9 @@ def tiny_cfg(**kw) -> ModelConfig:
         "d_model": 64,
         "n_layers": 4,
         "layer_pattern": "GGGA",
-        "num_heads": 4,
-        "num_kv_heads": 2,
-        "head_dim": 16,
-        "gdn_num_heads": 2,
-        "gdn_head_dim": 16,
-        "conv_size": 4,
+        "attn": AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=16),
+        "gdn": GatedDeltaNetConfig(num_heads=2, head_dim=16, conv_size=4),
+        "lightning": LightningConfig(num_heads=4, head_dim=16),
         "init_std": 0.02,
     }
     base.update(kw)
@@ -151,8 +152,15 @@ def test_every_parameter_gets_a_nonzero_gradient():
 def test_activation_checkpointing_same_loss_and_grads():
     torch.manual_seed(0)
     plain = HybridLM(tiny_cfg())
-    ckpt = HybridLM(tiny_cfg(activation_checkpointing=True))
-    ckpt.load_state_dict(plain.state_dict())
+    ckpt = apply_activation_checkpointing(HybridLM(tiny_cfg()))
+    ckpt.load_state_dict(plain.state_dict())  # state-dict keys unchanged by the wrapping
+    saved = {}
+    for name, model in (("plain", plain), ("ckpt", ckpt)):  # checkpointing keeps fewer tensors for backward
+        count = [0]
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: count.__setitem__(0, count[0] + 1) or t, lambda t: t):
+            lm_loss(model(torch.randint(0, 128, (1, 24))), torch.randint(0, 128, (1, 24)))
+        saved[name] = count[0]
+    assert saved["ckpt"] < saved["plain"] / 2, saved
     cu = torch.tensor([0, 9, 24], dtype=torch.int32)
     ids = torch.randint(0, 128, (1, 24))
     losses = []
@@ -184,9 +192,9 @@ def test_flops_per_token_terms():
     cfg = tiny_cfg(layer_pattern="GGGA", n_layers=4, tie_embeddings=True)
     model = HybridLM(cfg)
     n = model.num_params(exclude_embedding=True) + cfg.vocab_size * cfg.d_model
-    gdn = 3 * 18 * cfg.gdn_num_heads * cfg.gdn_head_dim * cfg.gdn_head_dim
+    gdn = 3 * 18 * cfg.gdn.num_heads * cfg.gdn.head_dim * cfg.gdn.head_dim
     for T in (64, 1024):
-        attn = 6 * cfg.num_heads * cfg.head_dim * T  # one causal attention layer
+        attn = 6 * cfg.attn.num_heads * cfg.attn.head_dim * T  # one causal attention layer
         assert model.flops_per_token(T) == pytest.approx(6 * n + gdn + attn)
     with pytest.raises(ValueError):
         model.flops_per_token(0)

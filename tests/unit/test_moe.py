@@ -18,13 +18,13 @@ from lctrain.layers.moe import (
     MoE,
     capacity_keep_mask,
     expert_bias_update,
-    finish_step,
     load_balancing_loss,
     router_scores,
     router_z_loss,
     topk_route,
 )
 from lctrain.models import HybridLM
+from lctrain.train.metrics import routing_step as finish_step
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -206,14 +206,14 @@ def test_moe_layer_equals_reference_with_aux_gradients(kw):
     if cfg.bias_update_rate:
         assert stats["layers"][0]["tokens_per_expert"][5] == 0.0
         assert m.expert_bias[5] > -5.0  # the starved expert's bias went up
-    assert float(m.step_stats.abs().sum()) == 0.0  # counters reset
+    assert float(m.routing_stats.pack().abs().sum()) == 0.0  # counters reset
 
 
 def test_eval_mode_records_nothing():
     m = _moe().eval()
     with torch.no_grad():
         m(torch.randn(2, 4, 16))
-    assert float(m.step_stats.sum()) == 0.0 and float(m.step_tokens_per_expert.sum()) == 0.0
+    assert float(m.routing_stats.calls) == 0.0 and float(m.routing_stats.load.sum()) == 0.0
 
 
 # ---------------------------------------------------------------- config and model
@@ -240,9 +240,9 @@ def test_moe_config_validation_names_keys():
 
 def test_hybrid_model_with_moe_layers_trains_and_counts_active_flops():
     cfg = load_config([
-        "recipe=hybrid_gdn_3to1_moe", "model.vocab_size=64", "model.d_model=32", "model.num_heads=2",
-        "model.num_kv_heads=1", "model.head_dim=16", "model.gdn_num_heads=2", "model.gdn_head_dim=16",
-        "model.moe.layers=every_other", "model.moe.ffn_hidden_size=16", "model.chunk_size=16",
+        "recipe=hybrid_gdn_3to1_moe", "model.vocab_size=64", "model.d_model=32", "model.attn.num_heads=2",
+        "model.attn.num_kv_heads=1", "model.attn.head_dim=16", "model.gdn.num_heads=2", "model.gdn.head_dim=16",
+        "model.moe.layers=every_other", "model.moe.ffn_hidden_size=16", "model.gdn.chunk_size=16",
     ]).model
     torch.manual_seed(0)
     model = HybridLM(cfg)

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lctrain.config import ConfigError, load_config
-from lctrain.layers.attention import softmax_attention
+from lctrain.config import ConfigError, ModelConfig, check_cp_layout, load_config
+from lctrain.kernels.softmax_attn import softmax_attention
+from lctrain.kernels.softmax_attn.block import attention_mask, block_attn_bwd, block_attn_fwd, merge_partial
+from lctrain.layers.attention import AttentionConfig
 from lctrain.parallel.context import (
-    check_cp_layout,
     shard_batch,
     shard_sequence,
     unshard_sequence,
     zigzag_indices,
 )
-from lctrain.parallel.context.block_attn import attention_mask, block_attn_bwd, block_attn_fwd, merge_partial
 from lctrain.parallel.context.linear import chunk_pieces
 from lctrain.parallel.context.zigzag import doc_ids
 
@@ -57,7 +57,7 @@ def test_chunk_pieces_split_at_document_starts():
 @pytest.mark.parametrize("overrides, match", [
     (["parallel.cp_degree=3"], "multiple of 2 x parallel.cp_degree"),
     (["parallel.cp_degree=4", "parallel.cp_impl=usp", "parallel.ulysses_degree=3"], "must divide parallel.cp_degree"),
-    (["parallel.cp_degree=4", "parallel.cp_impl=ulysses", "model.num_heads=6"], "divisible by the Ulysses degree"),
+    (["parallel.cp_degree=4", "parallel.cp_impl=ulysses", "model.attn.num_heads=6"], "divisible by the Ulysses degree"),
     (["parallel.cp_degree=2", "parallel.cp_impl=ulysses", "parallel.ulysses_degree=4"], "cp_impl=usp"),
     (["parallel.cp_degree=32", "data.seq_len=64"], "halo"),
 ])
@@ -67,9 +67,11 @@ def test_impossible_layouts_fail_at_startup(overrides, match):
 
 
 def test_kv_replication_rule():
-    assert check_cp_layout(4, "ulysses", 1, 64, num_heads=8, num_kv_heads=2) == 4  # replicate 2 -> 4
+    assert check_cp_layout(4, "ulysses", 1, 64) == 4
+    layout = dict(cp_degree=4, cp_impl="ulysses", ulysses_degree=4, seq_len=64)
+    AttentionConfig(num_heads=8, num_kv_heads=2).check_context_parallel(**layout)  # replicate 2 -> 4
     with pytest.raises(ConfigError, match="num_kv_heads=3"):
-        check_cp_layout(4, "ulysses", 1, 64, num_heads=12, num_kv_heads=3)
+        AttentionConfig(num_heads=12, num_kv_heads=3).check_context_parallel(**layout)
 
 
 def test_blocks_merge_to_full_attention_and_backward_matches_autograd():
@@ -124,20 +126,64 @@ def test_block_plan_of_zigzag_blocks():
     assert block_plan(torch.zeros(3, 3, dtype=torch.bool)) is None
 
 
-def test_apply_context_parallel_sets_declared_mixers_and_rejects_undeclared_subclasses():
+def test_apply_context_parallel_swaps_sequence_ops_and_refuses_unreachable_mixers():
+    """CP reaches a mixer only through its sequence ops: swapped (kernel choice kept) and restored;
+    a subclass with its own forward that uses the op is covered; a marked mixer without an op,
+    or an op type with no parallel version, is refused."""
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+
     from torch import nn
 
+    from lctrain.kernels.ops import SequenceOp, SoftmaxAttentionOp
     from lctrain.layers.attention import Attention
-    from lctrain.parallel.context import apply_context_parallel
+    from lctrain.models import HybridLM
+    from lctrain.parallel.context import apply_context_parallel, sequence_ops
+    from lctrain.parallel.context.ops import CPSoftmaxAttentionOp
 
-    class Routed(Attention):  # e.g. a routed-attention variant with its own forward
-        pass
+    class Routed(Attention):  # e.g. a routed-attention variant with its own forward, using attn_op
+        def forward(self, x, position_ids=None, cu_seqlens=None):
+            return super().forward(x, position_ids, cu_seqlens) * 2
 
-    handle = object()
-    model = nn.Sequential(Attention(16, 2, 1, 8), nn.Linear(16, 16))
+    handle = SimpleNamespace(degree=2, group=None)  # the swap itself needs no process group
+    model = nn.Sequential(Attention(16, 2, 1, 8, kernels="torch"), Routed(16, 2, 1, 8), nn.Linear(16, 16))
+    local_ops = [model[0].attn_op, model[1].attn_op]
     apply_context_parallel(model, handle)
-    assert model[0].context_parallel is handle and model.context_parallel is handle
+    for layer, local in zip(model[:2], local_ops):
+        assert isinstance(layer.attn_op, CPSoftmaxAttentionOp)
+        assert layer.attn_op.cp is handle and layer.attn_op.local is local
+    assert model[0].attn_op.kernels == "torch" and model[1].attn_op.kernels == "auto"
     apply_context_parallel(model, None)
-    assert model[0].context_parallel is None
-    with pytest.raises(ValueError, match="supports_context_parallel"):
-        apply_context_parallel(nn.Sequential(Routed(16, 2, 1, 8)), handle)
+    assert [model[0].attn_op, model[1].attn_op] == local_ops and type(model[0].attn_op) is SoftmaxAttentionOp
+
+    lm = HybridLM(ModelConfig(vocab_size=32, d_model=16, n_layers=2, layer_pattern="GA",
+                              attn=AttentionConfig(num_heads=2, num_kv_heads=1, head_dim=8)))
+    apply_context_parallel(lm, handle)
+    assert lm.sequence_shards == 2
+    assert {type(op).__name__ for *_, op in sequence_ops(lm)} == {"CPShortConvOp", "CPGatedDeltaRuleOp",
+                                                                   "CPSoftmaxAttentionOp"}
+    with pytest.raises(ValueError, match="true position_ids"):
+        lm(torch.zeros(1, 8, dtype=torch.long))
+    apply_context_parallel(lm, None)
+    assert lm.sequence_shards == 1
+
+    class OpaqueMixer(nn.Module):  # mixes tokens with no sequence op: CP cannot reach it
+        is_token_mixer = True
+
+        def forward(self, x):
+            return x.cumsum(1)
+
+    with pytest.raises(ConfigError, match="OpaqueMixer.*without a sequence op"):
+        apply_context_parallel(nn.Sequential(OpaqueMixer()), handle)
+
+    @dataclass
+    class NewOp(SequenceOp):
+        kernels: str = "torch"
+
+    class NewMixer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.op = NewOp()
+
+    with pytest.raises(ConfigError, match="NewOp, which has no context-parallel version"):
+        apply_context_parallel(nn.Sequential(NewMixer()), handle)

@@ -25,15 +25,11 @@ from __future__ import annotations
 import torch
 import triton
 
+from lctrain.kernels.dispatch import triton_interpreting
+from lctrain.kernels.varlen import check_cu_seqlens
 from lctrain.kernels.flash_attn import triton_kernels as tk
 
 __all__ = ["flash_attn_bwd", "flash_attn_func", "flash_attn_fwd", "flash_attn_varlen_func"]
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # Block sizes. Under the interpreter every program costs the same per op whatever its size, so
@@ -43,7 +39,7 @@ BLOCK_OVERRIDE: dict[str, int] = {}
 
 def _config(head_dim: int, backward: bool, dtype: torch.dtype) -> dict:
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if _interpreting():
+    if triton_interpreting():
         cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
     elif dtype == torch.float32:  # exact fp32 products stage more shared memory: smaller tiles
         cfg = {
@@ -108,6 +104,9 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k):
             f"cu_seqlens_q and cu_seqlens_k must both be [N + 1], got "
             f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}"
         )
+    if varlen and not torch.compiler.is_compiling():  # values need a host read: skipped when traced
+        check_cu_seqlens(cu_seqlens_q, q.shape[0])
+        check_cu_seqlens(cu_seqlens_k, k.shape[0])
 
 
 def _pack(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):

@@ -6,7 +6,8 @@ reference; ``chunk_gated_delta_rule_triton`` (Triton fwd + bwd, registered as
 from lctrain.kernels.gated_delta_rule.chunk import chunk_gated_delta_rule
 from lctrain.kernels.gated_delta_rule.fused_recurrent import fused_recurrent_gated_delta_rule
 from lctrain.kernels.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
-from lctrain.kernels.gated_delta_rule.triton_chunk import chunk_gated_delta_rule_triton, triton_available
+from lctrain.kernels.dispatch import triton_runnable as triton_available  # one check for every op
+from lctrain.kernels.gated_delta_rule.triton_chunk import chunk_gated_delta_rule_triton
 
 __all__ = [
     "chunk_gated_delta_rule",

@@ -22,35 +22,15 @@ triton is imported only when an op runs (``import lctrain`` works without triton
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from lctrain.kernels.dispatch import triton_runnable
 from lctrain.kernels.gated_delta_rule.chunk import _validate
+from lctrain.kernels.norm import l2norm
 
-__all__ = ["chunk_gated_delta_rule_triton", "triton_available"]
+__all__ = ["chunk_gated_delta_rule_triton"]
 
 BT = 64  # chunk size of the kernels (tl.dot needs >= 16; 64 keeps the WY inverse 4 x 16 blocks)
-
-
-_TRITON_IMPORTS: bool | None = None
-
-
-def triton_available(device: torch.device | str | None = None) -> bool:
-    """True if triton imports and can run on ``device`` (CUDA, or any device under TRITON_INTERPRET=1)."""
-    global _TRITON_IMPORTS
-    if _TRITON_IMPORTS is None:
-        try:
-            import triton  # noqa: F401
-
-            _TRITON_IMPORTS = True
-        except Exception:
-            _TRITON_IMPORTS = False
-    if not _TRITON_IMPORTS:
-        return False
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return True
-    return device is not None and torch.device(device).type == "cuda"
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -83,7 +63,7 @@ def _tables(B: int, T: int, cu_seqlens: torch.Tensor | None, device: torch.devic
 
 
 def _check_runnable(x: torch.Tensor) -> None:
-    if not triton_available(x.device):
+    if not triton_runnable(x.device):
         raise RuntimeError(
             f"chunk_gated_delta_rule_triton needs triton and a CUDA tensor (got device {x.device}); "
             "on CPU set TRITON_INTERPRET=1 before importing triton, or use the torch path "
@@ -304,11 +284,6 @@ def _backward(ctx, do, dht):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
-
-
 def chunk_gated_delta_rule_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -356,7 +331,7 @@ def chunk_gated_delta_rule_triton(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if use_qk_l2norm_in_kernel:
-        q, k = _l2norm(q), _l2norm(k)
+        q, k = l2norm(q), l2norm(k)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(torch.int64)
     o, ht = _fwd_op(q, k, v, g, beta, float(scale), initial_state, cu_seqlens)

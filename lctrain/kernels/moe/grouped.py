@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lctrain.kernels.dispatch import triton_installed
+
 
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward makes the incoming gradient contiguous.
@@ -31,14 +33,6 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return grad.contiguous()
-
-
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def grouped_mm_supported(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
@@ -100,7 +94,7 @@ def grouped_swiglu(
             "CUDA bf16 on sm90+, rows a multiple of 16 bytes); use impl='loop' or 'auto'"
         )
     Fh = F2 // 2
-    if impl == "auto" and not supported and x.device.type == "cuda" and _has_triton():
+    if impl == "auto" and not supported and x.device.type == "cuda" and triton_installed():
         impl = "triton"
     if impl == "triton":
         from lctrain.kernels.moe.triton_grouped import triton_grouped_mm

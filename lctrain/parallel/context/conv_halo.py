@@ -11,19 +11,19 @@ document start. The gather is differentiable, so halo gradients return to their 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from lctrain.layers.conv import ShortConvolution
 from lctrain.parallel.context.comm import all_gather_stack
 from lctrain.parallel.context.handle import ContextParallel
 
 
 def cp_short_conv(
-    conv: ShortConvolution, x: torch.Tensor, position_ids: torch.Tensor | None, cp: ContextParallel
+    conv: nn.Module, x: torch.Tensor, position_ids: torch.Tensor | None, cp: ContextParallel
 ) -> torch.Tensor:
     """``conv`` over this rank's zigzag shard as if over the whole sequence.
 
     Args:
-        conv: the layer's :class:`ShortConvolution` (kernel K).
+        conv: the layer's short convolution (``lctrain.layers.conv.ShortConvolution``, kernel K).
         x: [B, T/P, C] this rank's inputs (chunks ``r`` then ``2P-1-r``, ``c = T/(2P)`` each).
         position_ids: [B, T/P] true positions within documents, or None (no document masking).
         cp: the handle.

@@ -17,9 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from lctrain.config import ConfigError
-
-CP_IMPLS = ("ring", "ulysses", "usp")
+from lctrain.config import CP_IMPLS, check_cp_layout
 
 
 @dataclass(frozen=True)
@@ -73,72 +71,6 @@ class ContextParallel:
         return torch.cat([self.token_indices(global_len, i * U + u, device) for u in range(U)])
 
 
-def check_cp_layout(
-    cp_degree: int,
-    cp_impl: str,
-    ulysses_degree: int,
-    seq_len: int | None = None,
-    num_heads: int | None = None,
-    num_kv_heads: int | None = None,
-    conv_size: int | None = None,
-) -> int:
-    """Check a context-parallel layout; return the effective Ulysses degree ``U``.
-
-    Args:
-        cp_degree: P.
-        cp_impl: ``ring`` | ``ulysses`` | ``usp``.
-        ulysses_degree: ``parallel.ulysses_degree`` (used by ``usp``; ``ulysses`` uses P).
-        seq_len: tokens of one sequence (must split into ``2P`` zigzag chunks).
-        num_heads, num_kv_heads: softmax-attention heads (for the Ulysses head split).
-        conv_size: short-convolution taps (each zigzag chunk must hold its ``conv_size-1`` halo).
-
-    Raises:
-        ConfigError: the message names the key to change and a value that works.
-    """
-    if cp_impl not in CP_IMPLS:
-        raise ConfigError(f"parallel.cp_impl={cp_impl!r}: allowed values are {', '.join(CP_IMPLS)}")
-    P = cp_degree
-    if cp_impl == "ring":
-        U = 1
-    elif cp_impl == "ulysses":
-        if ulysses_degree not in (1, P):
-            raise ConfigError(
-                f"parallel.cp_impl=ulysses uses all parallel.cp_degree={P} ranks for the all-to-all; "
-                f"leave parallel.ulysses_degree=1 (or {P}), or use parallel.cp_impl=usp for a 2-D split"
-            )
-        U = P
-    else:
-        U = ulysses_degree
-        if P % U:
-            divisors = [d for d in range(1, P + 1) if P % d == 0]
-            raise ConfigError(
-                f"parallel.ulysses_degree={U} must divide parallel.cp_degree={P} (cp_impl=usp: Ulysses inside, "
-                f"ring across); choose one of {divisors}"
-            )
-    if seq_len is not None and P > 1 and seq_len % (2 * P):
-        raise ConfigError(
-            f"data.seq_len={seq_len} must be a multiple of 2 x parallel.cp_degree = {2 * P} (zigzag load balancing "
-            f"cuts each sequence into {2 * P} chunks); e.g. data.seq_len={2 * P * max(1, round(seq_len / (2 * P)))}"
-        )
-    if seq_len is not None and conv_size is not None and P > 1 and seq_len // (2 * P) < conv_size - 1:
-        raise ConfigError(
-            f"zigzag chunks of data.seq_len / (2 x cp_degree) = {seq_len // (2 * P)} tokens are shorter than the "
-            f"short-convolution halo model.conv_size - 1 = {conv_size - 1}; raise data.seq_len or lower cp_degree"
-        )
-    if U > 1 and num_heads is not None:
-        if num_heads % U:
-            raise ConfigError(
-                f"model.num_heads={num_heads} must be divisible by the Ulysses degree {U} (each rank takes "
-                f"num_heads / {U} heads); change model.num_heads, parallel.ulysses_degree or use cp_impl=ring"
-            )
-        if num_kv_heads is not None and num_kv_heads % U and U % num_kv_heads:
-            raise ConfigError(
-                f"model.num_kv_heads={num_kv_heads} must divide or be divisible by the Ulysses degree {U} "
-                f"(KV heads are replicated up to {U} when fewer); change model.num_kv_heads or the Ulysses degree"
-            )
-    return U
-
-
 def build_context_parallel(
     cp_groups: list[list[int]], cp_impl: str = "ring", ulysses_degree: int = 1
 ) -> ContextParallel | None:
@@ -154,7 +86,7 @@ def build_context_parallel(
         This rank's :class:`ContextParallel`, or None when P == 1.
 
     Raises:
-        ConfigError: bad impl / Ulysses degree (see :func:`check_cp_layout`).
+        ConfigError: bad impl / Ulysses degree (see :func:`lctrain.config.check_cp_layout`).
         ValueError: this rank is in no group or the groups differ in size.
     """
     P = len(cp_groups[0])

@@ -7,7 +7,7 @@ Forward, ring of R ranks: at step ``s`` rank ``i`` holds the K/V of ring rank ``
 it posts the send of that block to ``i + 1`` and the receive from ``i - 1``
 (``batch_isend_irecv``) *before* computing on it, so the transfer overlaps the block's compute.
 Each block's ``(out_b, lse_b)`` merges into the running result by log-sum-exp in fp32
-(:func:`~lctrain.parallel.context.block_attn.merge_partial`). Blocks whose mask is empty (the
+(:func:`~lctrain.kernels.softmax_attn.block.merge_partial`). Blocks whose mask is empty (the
 causal future of a zigzag chunk, other documents) are skipped.
 
 Backward: the same rotation, carrying fp32 dK/dV accumulators with their K/V block; each step adds
@@ -19,7 +19,7 @@ Masks use global token indices: ``q_index`` for this rank's queries and ``kv_ind
 keys held by ring rank ``j`` (plus document ids from the global ``cu_seqlens``), so the same code
 serves pure ring (zigzag shards) and USP (the Ulysses-gathered token sets).
 
-Block kernels: the torch path of :mod:`~lctrain.parallel.context.block_attn` (any mask), or on
+Block kernels: the torch path of :mod:`~lctrain.kernels.softmax_attn.block` (any mask), or on
 CUDA the Triton FlashAttention-2 ``flash_attn_fwd`` / ``flash_attn_bwd`` for the blocks the zigzag
 layout produces without document masks (a chunk pair against itself: causal; other ranks'
 chunks: a fully visible rectangle of rows x columns); see :func:`block_plan`.
@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lctrain.parallel.context.block_attn import attention_mask, block_attn_bwd, block_attn_fwd, merge_partial
+from lctrain.kernels.softmax_attn.block import attention_mask, block_attn_bwd, block_attn_fwd, merge_partial
 
 
 def _start_shift(t: torch.Tensor, send_to: int, recv_from: int, group) -> tuple[torch.Tensor, list]:
@@ -48,20 +48,16 @@ def _wait(reqs: list) -> None:
         r.wait()
 
 
-def flash_kernels(device: torch.device, use_flash: bool | None):
-    """``(flash_attn_fwd, flash_attn_bwd)`` of :mod:`lctrain.kernels.flash_attn`, or None.
+def flash_kernels(use_flash: bool):
+    """``(flash_attn_fwd, flash_attn_bwd)`` of :mod:`lctrain.kernels.flash_attn` when ``use_flash``, else None.
 
-    ``use_flash=None``: on CUDA when the Triton kernels import, else the torch path;
-    ``True``: require them (also on CPU under ``TRITON_INTERPRET=1``); ``False``: torch path.
+    ``use_flash`` is the layer's kernel choice resolved for the device
+    (:func:`lctrain.kernels.dispatch.use_triton`); on CPU it needs ``TRITON_INTERPRET=1``.
     """
-    if use_flash is False or (use_flash is None and device.type != "cuda"):
+    if not use_flash:
         return None
-    try:
-        from lctrain.kernels.flash_attn import flash_attn_bwd, flash_attn_fwd
-    except (ImportError, AttributeError):
-        if use_flash:
-            raise
-        return None
+    from lctrain.kernels.flash_attn import flash_attn_bwd, flash_attn_fwd
+
     return flash_attn_fwd, flash_attn_bwd
 
 
@@ -196,7 +192,7 @@ def ring_attention(
     ring: tuple,
     scale: float | None = None,
     causal: bool = True,
-    use_flash: bool | None = None,
+    use_flash: bool = False,
 ) -> torch.Tensor:
     """Softmax attention of local queries over the K/V of every rank of a ring.
 
@@ -222,7 +218,7 @@ def ring_attention(
         scale = q.shape[-1] ** -0.5
     q_doc = doc_ids(cu_seqlens, q_index)
     kv_doc = doc_ids(cu_seqlens, kv_index)
-    flash = flash_kernels(q.device, use_flash)
+    flash = flash_kernels(use_flash)
     return _RingAttention.apply(
         q, k, v, float(scale), causal, q_index, q_doc, list(kv_index), list(kv_doc), ring, flash
     )

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from lctrain.layers.attention import softmax_attention
+from lctrain.kernels.dispatch import use_triton
+from lctrain.kernels.softmax_attn import softmax_attention
 from lctrain.parallel.context.handle import ContextParallel
 from lctrain.parallel.context.ring import ring_attention
 from lctrain.parallel.context.ulysses import heads_to_seq, replicate_kv_heads, seq_to_heads
@@ -23,7 +24,7 @@ def context_parallel_attention(
     cp: ContextParallel,
     scale: float | None = None,
     causal: bool = True,
-    use_flash: bool | None = None,
+    kernels: str = "auto",
 ) -> torch.Tensor:
     """Attention of this rank's zigzag shard over the whole (global) sequence.
 
@@ -34,9 +35,9 @@ def context_parallel_attention(
         cp: the :class:`ContextParallel` handle (``impl``, groups).
         scale: logit scale, default ``Dh ** -0.5``.
         causal: causal mask in global token order.
-        use_flash: Triton FlashAttention kernels (ring blocks, or the whole local attention after
-            the Ulysses all-to-all); None: on CUDA when available, False: torch path (see
-            :func:`lctrain.parallel.context.ring.flash_kernels`).
+        kernels: ``auto`` | ``torch`` | ``triton``, the layer's choice: Triton FlashAttention
+            kernels for the ring blocks (or the whole local attention after the Ulysses
+            all-to-all) when :func:`lctrain.kernels.dispatch.use_triton` says so, else torch.
 
     Returns:
         [B, T/P, Hq, Dh] in ``q.dtype``: equal to this rank's rows of single-device attention.
@@ -58,14 +59,14 @@ def context_parallel_attention(
         order = torch.argsort(q_index)
         inv = torch.argsort(order)
         qs, ks, vs = (t.index_select(1, order) for t in (q, k, v))
-        kernels = "triton" if use_flash else "torch" if use_flash is False else "auto"
         o = softmax_attention(qs, ks, vs, cu_seqlens=cu_seqlens, scale=scale, causal=causal, kernels=kernels)
         o = o.index_select(1, inv)
     else:
         kv_index = torch.stack([cp.ulysses_token_indices(T, j, q.device) for j in range(cp.ring_degree)])
         ring = (cp.ring_group, cp.ring_rank, cp.ring_degree, cp.ring_global_ranks)
         o = ring_attention(
-            q, k, v, q_index, kv_index, cu_seqlens, ring, scale=scale, causal=causal, use_flash=use_flash
+            q, k, v, q_index, kv_index, cu_seqlens, ring, scale=scale, causal=causal,
+            use_flash=use_triton(kernels, q),
         )
     if U > 1:
         o = heads_to_seq(o, cp.ulysses_group)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from lctrain.layers.rope import default_position_ids
+from lctrain.data.packing import IGNORE_INDEX
+from lctrain.kernels.varlen import default_position_ids
 
 
 def zigzag_indices(global_len: int, cp_degree: int, cp_rank: int, device=None) -> torch.Tensor:
@@ -91,5 +92,5 @@ def shard_batch(batch: dict, cp_degree: int, cp_rank: int) -> dict:
         if out.get(key) is not None:
             out[key] = shard_sequence(out[key], cp_degree, cp_rank, dim=1)
     if out.get("labels") is not None:
-        out["local_num_tokens"] = int((out["labels"] != -100).sum())
+        out["local_num_tokens"] = int((out["labels"] != IGNORE_INDEX).sum())
     return out

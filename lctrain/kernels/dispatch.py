@@ -1,21 +1,44 @@
-"""Kernel choice shared by the token mixers: ``model.kernels = auto | torch | triton``."""
+"""Kernel choice shared by every op and mixer: ``model.kernels = auto | torch | triton``.
+
+One place answers "is Triton there" (:func:`triton_installed`), "can it run on this device"
+(:func:`triton_runnable`) and "does this choice take the Triton path for this tensor"
+(:func:`use_triton`); the choice travels down as the same string everywhere.
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import os
 
 import torch
 
 KERNEL_CHOICES = ("auto", "torch", "triton")
 
 
+@functools.cache
 def triton_installed() -> bool:
     """Whether the triton package can be found (it is not imported here)."""
     return importlib.util.find_spec("triton") is not None
 
 
+def triton_interpreting() -> bool:
+    """Whether Triton kernels run under its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_runnable(device: torch.device | str | None = None) -> bool:
+    """True if triton is installed and can run on ``device``: CUDA, or any device under the interpreter."""
+    if not triton_installed():
+        return False
+    if triton_interpreting():
+        return True
+    dev = torch.device(device) if device is not None else None
+    return (dev is None or dev.type == "cuda") and torch.cuda.is_available()
+
+
 def check_kernels(kernels: str, what: str) -> str:
-    """Validate a ``kernels`` choice for the layer named ``what``; return it.
+    """Validate a ``kernels`` choice for the op or layer named ``what``; return it.
 
     Raises:
         ValueError: ``kernels`` not one of :data:`KERNEL_CHOICES`.
