@@ -26,6 +26,7 @@ from lctrain.errors import ConfigError
 from lctrain.layers.attention import AttentionConfig
 from lctrain.layers.gated_deltanet import GatedDeltaNetConfig
 from lctrain.layers.lightning import LightningConfig
+from lctrain.layers.moba import MoBAConfig
 from lctrain.layers.moe import MoEConfig, moe_layer_indices
 from lctrain.layers.registry import MIXERS, describe_mixers, mixer_config
 
@@ -44,8 +45,11 @@ class ModelConfig:
 
     ``layer_pattern`` letters name registered mixers (:mod:`lctrain.layers.registry`): ``G``
     Gated DeltaNet (section ``gdn``), ``A`` softmax attention (``attn``), ``L`` Lightning
-    Attention (``lightning``). The pattern is tiled to ``n_layers`` (``GGGA`` with 8 layers ->
-    ``GGGAGGGA``); ``n_layers`` must be a multiple of the pattern length. ``moe`` turns the FFNs
+    Attention (``lightning``), ``M`` MoBA block-sparse attention (``moba``). The pattern is
+    tiled to ``n_layers`` (``GGGA`` with 8 layers -> ``GGGAGGGA``); ``n_layers`` must be a
+    multiple of the pattern length. ``final_layers`` (letters, default none) then replaces the
+    last ``len(final_layers)`` layers (``GM`` + ``A`` at 4 layers -> ``GMGA``: MoBA's hybrid
+    schedule with a full-attention last layer). ``moe`` turns the FFNs
     of chosen blocks into mixtures of experts. ``ffn_hidden_size = 0`` means round(8/3 *
     d_model) up to a multiple of 64. ``kernels``: compute path of every op (``auto`` picks Triton
     on CUDA and torch elsewhere). ``activation_checkpointing``: recompute each block in backward
@@ -56,6 +60,7 @@ class ModelConfig:
     d_model: int = 256
     n_layers: int = 4
     layer_pattern: str = "GGGA"
+    final_layers: str = ""
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
     init_std: float = 0.02
@@ -65,6 +70,7 @@ class ModelConfig:
     attn: AttentionConfig = field(default_factory=AttentionConfig)
     gdn: GatedDeltaNetConfig = field(default_factory=GatedDeltaNetConfig)
     lightning: LightningConfig = field(default_factory=LightningConfig)
+    moba: MoBAConfig = field(default_factory=MoBAConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 
@@ -369,7 +375,7 @@ def check_mixers_context_parallel(m: ModelConfig, cp_degree: int, cp_impl: str, 
         ConfigError: from :func:`check_cp_layout` or a mixer section's hook.
     """
     U = check_cp_layout(cp_degree, cp_impl, ulysses_degree, seq_len)
-    for letter in dict.fromkeys(m.layer_pattern):
+    for letter in dict.fromkeys(m.layer_pattern + m.final_layers):
         spec = MIXERS[letter]
         section = mixer_config(m, spec)
         hook = getattr(section, "check_context_parallel", None)
@@ -408,7 +414,10 @@ def validate(cfg: RunConfig) -> None:
         m.n_layers % len(m.layer_pattern) == 0, "model.n_layers", m.n_layers,
         f"must be a multiple of len(model.layer_pattern)={len(m.layer_pattern)} ('{m.layer_pattern}')",
     )
-    for letter in dict.fromkeys(m.layer_pattern):  # each mixer section in use, validated by its layer
+    bad = sorted(set(m.final_layers) - set(MIXERS))
+    _require(not bad and len(m.final_layers) <= m.n_layers, "model.final_layers", m.final_layers,
+             f"letters allowed: {describe_mixers()}; at most model.n_layers={m.n_layers} of them")
+    for letter in dict.fromkeys(m.layer_pattern + m.final_layers):  # each mixer section in use, validated by its layer
         spec = MIXERS[letter]
         mixer_config(m, spec).validate(prefix=f"model.{spec.section}")
     m.moe.validate(m.n_layers)

@@ -55,6 +55,26 @@ class SoftmaxAttentionOp(SequenceOp):
 
 
 @dataclass
+class MoBAAttentionOp(SequenceOp):
+    """MoBA block-sparse causal attention (Lu et al. 2025) of :func:`lctrain.kernels.moba.moba_attn_func`.
+
+    ``__call__(q [B,T,Hq,Dh], k, v [B,T,Hkv,Dh], cu_seqlens int32 [N+1] | None, scale=None)
+    -> [B,T,Hq,Dh]``: each query attends its own key block causally plus the ``top_k - 1`` past
+    blocks of ``block_size`` keys (in its document) with the highest ``q . mean(K_block)``.
+    """
+
+    kernels: str = "auto"
+    block_size: int = 64
+    top_k: int = 3
+
+    def __call__(self, q, k, v, cu_seqlens=None, scale: float | None = None) -> torch.Tensor:
+        from lctrain.kernels.moba import moba_attn_func
+
+        impl = "triton" if use_triton(self.kernels, q) else "torch"
+        return moba_attn_func(q, k, v, self.block_size, self.top_k, cu_seqlens=cu_seqlens, scale=scale, kernels=impl)
+
+
+@dataclass
 class GatedDeltaRuleOp(SequenceOp):
     """The chunked gated delta rule (Yang et al., ICLR 2025, eq. 10).
 

@@ -97,6 +97,7 @@ def _register_builtins() -> None:
     from lctrain.layers.attention import AttentionConfig, attention_flops_per_token, build_attention
     from lctrain.layers.gated_deltanet import GatedDeltaNetConfig, build_gated_deltanet, gated_deltanet_flops_per_token
     from lctrain.layers.lightning import LightningConfig, build_lightning, lightning_flops_per_token
+    from lctrain.layers.moba import MoBAConfig, build_moba, moba_flops_per_token
 
     register_mixer(MixerSpec("G", "Gated DeltaNet", "gdn", GatedDeltaNetConfig, build_gated_deltanet,
                              gated_deltanet_flops_per_token))
@@ -104,6 +105,7 @@ def _register_builtins() -> None:
                              attention_flops_per_token))
     register_mixer(MixerSpec("L", "Lightning Attention", "lightning", LightningConfig, build_lightning,
                              lightning_flops_per_token))
+    register_mixer(MixerSpec("M", "MoBA block-sparse attention", "moba", MoBAConfig, build_moba, moba_flops_per_token))
 
 
 _register_builtins()

@@ -25,13 +25,14 @@ from lctrain.layers.norm import RMSNorm
 from lctrain.layers.rope import default_position_ids
 
 
-def expand_layer_pattern(layer_pattern: str, n_layers: int) -> str:
-    """Tile ``layer_pattern`` to ``n_layers`` letters (``'GGGA'``, 8 -> ``'GGGAGGGA'``).
+def expand_layer_pattern(layer_pattern: str, n_layers: int, final_layers: str = "") -> str:
+    """Tile ``layer_pattern`` to ``n_layers`` letters (``'GGGA'``, 8 -> ``'GGGAGGGA'``), then let
+    ``final_layers`` replace the last letters (``'GM'``, 4, ``'A'`` -> ``'GMGA'``).
 
     Raises:
         ValueError: empty pattern, a letter that is not registered
-            (:mod:`lctrain.layers.registry`), or ``n_layers`` not a positive multiple of the
-            pattern length.
+            (:mod:`lctrain.layers.registry`), ``n_layers`` not a positive multiple of the
+            pattern length, or more ``final_layers`` than layers.
     """
     if not layer_pattern:
         raise ValueError(f"model.layer_pattern is empty; use the letters {describe_mixers()}")
@@ -44,7 +45,13 @@ def expand_layer_pattern(layer_pattern: str, n_layers: int) -> str:
             f"model.n_layers={n_layers} must be a positive multiple of len(model.layer_pattern)="
             f"{len(layer_pattern)} ('{layer_pattern}'); e.g. n_layers={suggestion}"
         )
-    return layer_pattern * (n_layers // len(layer_pattern))
+    bad = sorted(set(final_layers) - set(MIXERS))
+    if bad or len(final_layers) > n_layers:
+        raise ValueError(
+            f"model.final_layers={final_layers!r}: at most n_layers={n_layers} letters of {describe_mixers()}"
+        )
+    tiled = layer_pattern * (n_layers // len(layer_pattern))
+    return tiled[: n_layers - len(final_layers)] + final_layers
 
 
 class HybridBlock(nn.Module):
@@ -119,7 +126,7 @@ class HybridLM(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
-        self.layer_types = expand_layer_pattern(cfg.layer_pattern, cfg.n_layers)
+        self.layer_types = expand_layer_pattern(cfg.layer_pattern, cfg.n_layers, getattr(cfg, "final_layers", ""))
         if cfg.vocab_size < 1 or cfg.d_model < 1:
             raise ValueError(
                 f"model.vocab_size and model.d_model must be >= 1, got {cfg.vocab_size}, {cfg.d_model}"

@@ -367,3 +367,32 @@ class RoutingHistory:
 
     def load_state_dict(self, state: dict) -> None:
         self.history = {k: list(state.get("history", {}).get(k, [])) for k in ROUTING_HISTORY_KEYS}
+
+
+@torch.no_grad()
+def attention_sparsity_step(model: torch.nn.Module, group=None) -> dict | None:
+    """Mean attended fraction of the block-sparse attention layers over the step, then reset.
+
+    Reads every module with an ``attended_stats`` fp64 [2] tensor (``[sum of fractions, calls]``,
+    e.g. :class:`lctrain.layers.moba.MoBAAttention`), all-reduces them over ``group`` (default:
+    the world) when a process group exists, and returns ``{"attended_fraction": mean over layers
+    and calls, "layers": {name: fraction}}``; None when there is no such layer or no call.
+    """
+    import torch.distributed as dist
+
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(getattr(m, "attended_stats", None), torch.Tensor)]
+    if not layers:
+        return None
+    packed = torch.cat([m.attended_stats.reshape(2) for _, m in layers])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(packed, group=group)
+    for _, m in layers:
+        m.attended_stats.zero_()
+    per = {}
+    for i, (name, _) in enumerate(layers):
+        total, calls = float(packed[2 * i]), float(packed[2 * i + 1])
+        if calls > 0:
+            per[name] = total / calls
+    if not per:
+        return None
+    return {"attended_fraction": sum(per.values()) / len(per), "layers": per}

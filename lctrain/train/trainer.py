@@ -40,7 +40,14 @@ from lctrain.parallel import parallelize
 from lctrain.parallel.context import shard_batch
 from lctrain.parallel.mesh import DistEnv, barrier, init_distributed, resolve_dims
 from lctrain.train.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
-from lctrain.train.metrics import MetricsLogger, RoutingHistory, mfu, routing_step, write_summary
+from lctrain.train.metrics import (
+    MetricsLogger,
+    RoutingHistory,
+    attention_sparsity_step,
+    mfu,
+    routing_step,
+    write_summary,
+)
 from lctrain.train.optim import build_optimizer
 from lctrain.train.schedule import build_scheduler
 
@@ -105,6 +112,8 @@ class Trainer:
         self.state = TrainState()
         self.routing = RoutingHistory()
         self.routing_last: dict | None = None
+        self.sparsity_last: dict | None = None
+        self.sparsity_history: list[float] = []
         use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
@@ -152,6 +161,7 @@ class Trainer:
         self.num_params = sum(p.numel() for p in model.parameters())
         self.flops_per_token = model.flops_per_token(self.cfg.data.seq_len)
         self.has_routing = bool(routed_layers(model))
+        self.has_sparse_attention = any(hasattr(m, "attended_stats") for m in model.modules())
         par = parallelize(model, self.dims, self.meshes, self.cfg, self.env)
         self.model, self.dp, self.cp, self.ep = par.model, par.dp, par.cp, par.ep
 
@@ -264,6 +274,7 @@ class Trainer:
         self.scheduler.step()
         if self.has_routing:  # loads all-reduced over every rank; expert biases updated after the step
             self.routing_last = routing_step(self.model)
+        self.sparsity_last = attention_sparsity_step(self.model) if self.has_sparse_attention else None
         return loss, grad_norm
 
     @torch.no_grad()
@@ -313,7 +324,7 @@ class Trainer:
             while self.state.step < t.max_steps:
                 step = self.state.step + 1
                 t0 = time.perf_counter()
-                self.routing_last = None
+                self.routing_last = self.sparsity_last = None
                 loss, grad_norm = self.train_step()
                 dt = time.perf_counter() - t0
                 if not math.isfinite(loss):
@@ -343,6 +354,9 @@ class Trainer:
                     metrics["mfu"] = util
                 if self.routing_last is not None:
                     metrics.update(self.routing.record(self.routing_last))
+                if self.sparsity_last is not None:
+                    metrics["attention/attended_fraction"] = self.sparsity_last["attended_fraction"]
+                    self.sparsity_history.append(self.sparsity_last["attended_fraction"])
                 if step % t.log_every == 0 or step == t.max_steps:
                     logger.log_step(step, metrics)
                     if self.routing_last is not None:
@@ -393,6 +407,7 @@ class Trainer:
             "cp_degree": self.dims.cp,
             "ep_degree": self.dims.ep,
             "moe": self.routing.summary() if self.has_routing else None,
+            "attended_fraction": self.sparsity_history if self.has_sparse_attention else None,
             "num_params": self.num_params,
             "device": str(self.device),
         }

@@ -184,6 +184,23 @@ def _checks(rank: int, world: int) -> dict[str, float]:
         )
 
     if P == 2:
+        # --- MoBA under Ulysses: whole sequences per rank for half the heads, global cu_seqlens,
+        # blocks that cross zigzag chunk edges; torch and Triton (interpreter) kernels
+        from lctrain.kernels.moba import moba_attn_naive
+        from lctrain.kernels.ops import MoBAAttentionOp
+        from lctrain.parallel.context.ops import context_parallel_op
+
+        for kernels in ("torch", "triton"):
+            op = context_parallel_op(MoBAAttentionOp(kernels, block_size=4, top_k=2), handles["ulysses"])
+            q = torch.randn(1, T, 4, 8, generator=gen)
+            k, v = torch.randn(1, T, 2, 8, generator=gen), torch.randn(1, T, 2, 8, generator=gen)
+            compare(
+                f"moba_ulysses_{kernels}",
+                lambda q, k, v, op=op: op(q, k, v, cu),
+                lambda q, k, v: moba_attn_naive(q, k, v, 4, 2, cu_seqlens=cu)[0],
+                [q, k, v],
+            )
+
         # --- a Lightning layer with kernels=triton under CP: the swapped op keeps the Triton kernel
         # (run under the interpreter here) and matches the one-process layer on the torch path
         from lctrain.kernels.lightning_attn import triton_chunk
@@ -276,7 +293,8 @@ def _expected(world: int) -> set[str]:
         if world == 2 or impl == "usp":
             names.add(f"model_GAL_{impl}")
     if world == 2:
-        names |= {"attn_ring_flash_b2_causal", "attn_ring_flash_docs", "gdn_docs_triton", "lightning_layer_triton"}
+        names |= {"attn_ring_flash_b2_causal", "attn_ring_flash_docs", "gdn_docs_triton", "lightning_layer_triton",
+                  "moba_ulysses_torch", "moba_ulysses_triton"}
     return names | {"gdn_docs", "gdn_b2", "lightning_docs", "lightning_b2", "conv_halo_docs"}
 
 

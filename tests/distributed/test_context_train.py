@@ -91,3 +91,27 @@ def test_dp2_cp2_losses_equal_one_rank(small_corpus, tmp_path, reference):
     for got in _spawn(4, runs, tmp_path):
         assert got["world_size"] == 4 and got["cp_degree"] == 2 and got["dp_degree"] == 2
         _assert_losses(got, ref)
+
+
+MOBA = {"model.moba.num_heads": 2, "model.moba.num_kv_heads": 1, "model.moba.head_dim": 32,
+        "model.moba.block_size": 16, "model.moba.top_k": 2}
+
+
+def test_moba_hybrid_ulysses_cp2_equals_one_rank(small_corpus, tmp_path):
+    """hybrid_gdn_moba (G M G A) under cp=2 Ulysses == the same recipe in one process, 5 steps."""
+    cache = tmp_path / "cache"
+    one = _args(tmp_path / "one", small_corpus, cache, **MOBA)
+    one[0] = "recipe=hybrid_gdn_moba"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = train(load_config(one))
+    finally:
+        torch.set_num_threads(threads)
+    run = _args(tmp_path / "cp2", small_corpus, cache, **MOBA, **{"parallel.cp_degree": 2, "parallel.cp_impl": "ulysses"})
+    run[0] = "recipe=hybrid_gdn_moba"
+    (got,) = _spawn(2, [run], tmp_path)
+    assert got["cp_degree"] == 2
+    _assert_losses(got, ref)
+    assert len(got["attended_fraction"]) == STEPS and 0 < got["attended_fraction"][0] < 1
+    assert got["attended_fraction"] == pytest.approx(ref["attended_fraction"])

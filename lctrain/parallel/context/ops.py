@@ -8,6 +8,7 @@ computes the same result on this rank's zigzag shard, keeping the layer's kernel
 local op               context-parallel op
 =====================  ===================================================================
 SoftmaxAttentionOp     ring / Ulysses / USP attention (:func:`context_parallel_attention`)
+MoBAAttentionOp        Ulysses only: whole sequences per rank (:func:`ulysses_local_attention`)
 GatedDeltaRuleOp       state passing (:func:`cp_gated_delta_rule`) over the op's kernel
 LightningAttnOp        state passing (:func:`cp_lightning_attn`) over the op's kernel
 ShortConvOp            halo exchange (:func:`cp_short_conv`)
@@ -25,11 +26,18 @@ from dataclasses import dataclass
 import torch
 
 from lctrain.errors import ConfigError
-from lctrain.kernels.ops import GatedDeltaRuleOp, LightningAttnOp, SequenceOp, ShortConvOp, SoftmaxAttentionOp
+from lctrain.kernels.ops import (
+    GatedDeltaRuleOp,
+    LightningAttnOp,
+    MoBAAttentionOp,
+    SequenceOp,
+    ShortConvOp,
+    SoftmaxAttentionOp,
+)
 from lctrain.parallel.context.conv_halo import cp_short_conv
 from lctrain.parallel.context.handle import ContextParallel
 from lctrain.parallel.context.linear import cp_gated_delta_rule, cp_lightning_attn
-from lctrain.parallel.context.usp import context_parallel_attention
+from lctrain.parallel.context.usp import context_parallel_attention, ulysses_local_attention
 
 
 @dataclass
@@ -55,6 +63,17 @@ class CPSoftmaxAttentionOp(ContextParallelOp):
         return context_parallel_attention(
             q, k, v, cu_seqlens, self.cp, scale=scale, causal=self.local.causal, kernels=self.local.kernels
         )
+
+
+@dataclass
+class CPMoBAAttentionOp(ContextParallelOp):
+    """``MoBAAttentionOp`` under Ulysses: block routing needs the whole sequence, so each rank runs
+    MoBA for ``Hq / P`` heads over all tokens (:func:`ulysses_local_attention`). Ring and USP are
+    refused at start-up (``MoBAConfig.check_context_parallel``) and here."""
+
+    def __call__(self, q, k, v, cu_seqlens=None, scale: float | None = None) -> torch.Tensor:
+        return ulysses_local_attention(q, k, v, cu_seqlens, self.cp,
+                                       lambda q_, k_, v_, cu: self.local(q_, k_, v_, cu, scale=scale))
 
 
 @dataclass
@@ -85,6 +104,7 @@ class CPShortConvOp(ContextParallelOp):
 
 CONTEXT_PARALLEL_OPS: dict[type, Callable[[SequenceOp, ContextParallel], ContextParallelOp]] = {
     SoftmaxAttentionOp: CPSoftmaxAttentionOp,
+    MoBAAttentionOp: CPMoBAAttentionOp,
     GatedDeltaRuleOp: CPGatedDeltaRuleOp,
     LightningAttnOp: CPLightningAttnOp,
     ShortConvOp: CPShortConvOp,

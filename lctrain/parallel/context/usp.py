@@ -71,3 +71,42 @@ def context_parallel_attention(
     if U > 1:
         o = heads_to_seq(o, cp.ulysses_group)
     return o
+
+
+def ulysses_local_attention(q, k, v, cu_seqlens, cp: ContextParallel, local_fn) -> torch.Tensor:
+    """Any attention that needs whole sequences, run under Ulysses (``cp.ring_degree == 1``).
+
+    The all-to-all gives each rank every token of the sequence for ``Hq / P`` query heads (K/V
+    heads replicated up to P when fewer); the rank runs ``local_fn(q, k, v, cu_seqlens) -> o`` in
+    natural token order on the *global* ``cu_seqlens`` and the reverse all-to-all returns its
+    shard. Used by attention variants whose maths spans the whole sequence (e.g. MoBA's block
+    routing), for which a ring is not implemented.
+
+    Args:
+        q: [B, T/P, Hq, Dh]; k, v: [B, T/P, Hkv, Dh] this rank's zigzag shard.
+        cu_seqlens: int32 [N + 1] global boundaries, or None.
+        cp: the handle (must be pure Ulysses: ``ring_degree == 1``).
+        local_fn: single-device attention in the ``[B, T, H, Dh]`` layout.
+
+    Returns:
+        [B, T/P, Hq, Dh]: this rank's rows of ``local_fn`` on the whole sequence.
+
+    Raises:
+        ValueError: ``cp`` has a ring part, or ``Hq`` is not divisible by the Ulysses degree.
+    """
+    if cp.ring_degree != 1:
+        raise ValueError(
+            f"this attention needs whole sequences per rank: use parallel.cp_impl=ulysses (got {cp.impl} with a "
+            f"ring of {cp.ring_degree})"
+        )
+    _, Tl, Hq, _ = q.shape
+    T = Tl * cp.degree
+    U = cp.ulysses_degree
+    if Hq % U:
+        raise ValueError(f"num_heads={Hq} must be divisible by the Ulysses degree {U}")
+    k, v = replicate_kv_heads(k, U), replicate_kv_heads(v, U)
+    q, k, v = (seq_to_heads(t, cp.ulysses_group) for t in (q, k, v))
+    order = torch.argsort(cp.ulysses_token_indices(T, device=q.device))
+    inv = torch.argsort(order)
+    o = local_fn(*(t.index_select(1, order) for t in (q, k, v)), cu_seqlens).index_select(1, inv)
+    return heads_to_seq(o, cp.ulysses_group)
