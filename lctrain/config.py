@@ -1,12 +1,12 @@
 """Typed run configuration: dataclasses are the schema, recipes (YAML) select values.
 
-A run is configured by one recipe file in ``recipes/`` plus ``key=value`` overrides, the
+A run is configured by one recipe file in ``lctrain/recipes/`` plus ``key=value`` overrides, the
 form Hydra users know::
 
     torchrun --nproc_per_node=2 launch/train.py recipe=hybrid_gdn_3to1 scale=cpu train.max_steps=50
 
 Merge order (later wins): dataclass defaults -> recipe YAML -> ``scale`` file
-(``recipes/scale/<name>.yaml``, chosen by the recipe's ``scale:`` key or a ``scale=`` override)
+(``lctrain/recipes/scale/<name>.yaml``, chosen by the recipe's ``scale:`` key or a ``scale=`` override)
 -> command-line overrides. Merging goes through OmegaConf structured configs, so an unknown
 key or a value of the wrong type fails at start-up; :func:`validate` then checks values that
 types cannot express (choices, ranges, divisibility) and names the allowed values.
@@ -36,7 +36,7 @@ __all__ = [
     "to_dict", "to_yaml", "validate",
 ]
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # package data: present in every install
 
 
 @dataclass
@@ -277,7 +277,7 @@ def load_config(args: list[str], recipes_dir: Path = RECIPES_DIR) -> RunConfig:
         args: command-line style items. ``recipe=`` names a file in ``recipes_dir`` (or a path to
             a YAML file); ``scale=`` a file in ``recipes_dir/scale``; every other item is a dotted
             key such as ``train.max_steps=100``.
-        recipes_dir: where recipes live (default: the repository's ``recipes/``).
+        recipes_dir: where recipes live (default: the package's ``lctrain/recipes/``).
 
     Returns:
         The merged, validated configuration as dataclasses.
@@ -384,12 +384,24 @@ def check_mixers_context_parallel(m: ModelConfig, cp_degree: int, cp_impl: str, 
                  prefix=f"model.{spec.section}")
 
 
+def _check_data_path(path: str) -> None:
+    """``data.path`` must name a built-in corpus, an existing local file/directory or ``hf:NAME``."""
+    from lctrain.data.corpus import resolve_path
+
+    try:
+        resolve_path(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from e
+
+
 def validate(cfg: RunConfig) -> None:
     """Check values types cannot express; raise :class:`ConfigError` naming the key and allowed values.
 
     Shared keys are checked here; each mixer section used by ``model.layer_pattern`` (and
     ``model.moe``) by its own ``validate`` next to its layer.
     """
+    # optim.fused=true reaches a str field as 'True' (OmegaConf parses the literal first)
+    cfg.optim.fused = str(cfg.optim.fused).lower()
     for key, choices in CHOICES.items():
         *path, name = key.split(".")
         obj = cfg
@@ -434,6 +446,12 @@ def validate(cfg: RunConfig) -> None:
     )
     _require(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, "must be >= 0 (0 = only at the end)")
     _require(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0 = only at the end)")
+    _require(t.eval_batches >= 1, "train.eval_batches", t.eval_batches,
+             "must be >= 1 (to skip validation set data.val_fraction=0)")
+    _require(t.resume in ("auto", "none") or Path(t.resume).is_dir(), "train.resume", t.resume,
+             "allowed values are auto (the newest complete checkpoint of train.out_dir, if any), none, or the path "
+             "of an existing checkpoint directory (e.g. runs/x/checkpoints/step_00000100)")
+    _check_data_path(d.path)
     _require(p.dp_degree == -1 or p.dp_degree >= 1, "parallel.dp_degree", p.dp_degree, "must be -1 (auto) or >= 1")
     if p.cp_degree > 1 or p.ulysses_degree > 1:  # zigzag chunks, Ulysses head split, conv halo
         check_mixers_context_parallel(m, p.cp_degree, p.cp_impl, p.ulysses_degree, d.seq_len)

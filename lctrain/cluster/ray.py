@@ -39,7 +39,7 @@ from typing import Any
 
 from lctrain.config import ConfigError, load_config
 
-RAY_INSTALL_HINT = 'pip install "lctrain[ray]"'
+RAY_INSTALL_HINT = 'pip install -e ".[ray]" (from the lctrain checkout)'
 PID_DIR = "ray_workers"
 STATUS_FILE = "ray_status.json"
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_NONFINITE, EXIT_NO_RAY = 0, 1, 2, 3, 4
@@ -53,7 +53,7 @@ def require_ray() -> ModuleType:
     """Import and return ``ray`` with ``ray.train`` and ``ray.train.torch`` loaded.
 
     Raises:
-        RayNotInstalledError: Ray or Ray Train is missing; the message says ``pip install "lctrain[ray]"``.
+        RayNotInstalledError: Ray or Ray Train is missing; the message says ``pip install -e ".[ray]"``.
     """
     try:
         import ray
@@ -136,7 +136,7 @@ def make_spec(argv: list[str]) -> RayJobSpec:
     """
     from lctrain.parallel.mesh import resolve_dims
 
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # overrides may come before or after the options
     overrides = list(args.overrides)
     if args.num_workers < 1:
         raise ConfigError(f"--num-workers={args.num_workers}: must be >= 1")
@@ -192,9 +192,10 @@ def train_worker(config: dict[str, Any]) -> None:
     Args:
         config: ``{"overrides": [...], "out_dir": str}`` from :class:`RayJobSpec`.
 
-    Rank 0 writes ``<out_dir>/ray_status.json`` at the end: ``{"status": "done", "steps": N}`` or
-    ``{"status": "nonfinite", "message": ...}``. A non-finite loss is recorded there instead of
-    raised, so that Ray does not restart a run that would fail the same way again. (Ray Train keeps
+    Rank 0 writes ``<out_dir>/ray_status.json`` at the end: ``{"status": "done", "steps": N}``,
+    ``{"status": "nonfinite", "message": ...}`` or ``{"status": "config", "message": ...}`` (an
+    error in the user's input found on the worker, e.g. data the driver could not see). These are
+    recorded instead of raised, so that Ray does not restart a run that would fail the same way. (Ray Train keeps
     reported metrics only together with Ray checkpoints, which lctrain does not use.)
     """
     import ray.train
@@ -218,6 +219,8 @@ def train_worker(config: dict[str, Any]) -> None:
         status["steps"] = summary["steps"]
     except NonFiniteLossError as e:
         status = {"status": "nonfinite", "message": str(e)}
+    except ConfigError as e:  # the user's input: a restart would fail the same way, so it is not raised
+        status = {"status": "config", "message": str(e)}
     if rank == 0:
         _write_json(Path(config["out_dir"]) / STATUS_FILE, status)
 
@@ -264,6 +267,9 @@ def run_job(spec: RayJobSpec) -> int:
     if status.get("status") == "nonfinite":
         print(f"error: {status.get('message')}", file=sys.stderr, flush=True)
         return EXIT_NONFINITE
+    if status.get("status") == "config":
+        print(f"error: {status.get('message')}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
     print(f"[lctrain] ray job done: {status.get('steps')} steps; summary: {spec.out_dir / 'summary.json'}", flush=True)
     return EXIT_OK
 

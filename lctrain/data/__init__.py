@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from lctrain.errors import ConfigError
+
 from lctrain.data.corpus import default_cache_dir, load_documents, split_documents
 from lctrain.data.packing import IGNORE_INDEX, PackedDataset, collate_packed, load_or_pack, stream_dtype
 from lctrain.data.sampler import DistributedBatchSampler
@@ -96,7 +98,7 @@ def build_data(
     train_tokens = load_or_pack(train_docs, tokenizer, cache, "train")
     train_ds = PackedDataset(train_tokens, tokenizer.eos_id, seq_len)
     if len(train_ds) == 0:
-        raise ValueError(
+        raise ConfigError(
             f"the training split of '{data_cfg.path}' has {len(train_tokens)} tokens, fewer than one window of "
             f"data.seq_len={seq_len} (+1); lower data.seq_len or use a larger corpus"
         )

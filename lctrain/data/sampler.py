@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from lctrain.errors import ConfigError
+
 
 class DistributedBatchSampler:
     """Yields, per optimizer step, this rank's micro-batches of sample indices.
@@ -142,20 +144,21 @@ class DistributedBatchSampler:
 
         Raises:
             ValueError: the state belongs to a different dataset size or seed (the data or
-                ``data.seq_len`` / ``data.seed`` changed since the checkpoint), or is malformed.
+                ``data.seq_len`` / ``train.seed`` changed since the checkpoint: a
+                :class:`~lctrain.errors.ConfigError`), or is malformed.
         """
         for key in ("epoch", "position"):
             if key not in state:
                 raise ValueError(f"sampler state lacks '{key}'; keys found: {', '.join(state)}")
         if "num_samples" in state and int(state["num_samples"]) != self.num_samples:
-            raise ValueError(
+            raise ConfigError(
                 f"checkpointed data sampler covers {state['num_samples']} samples but the dataset now has "
                 f"{self.num_samples}; the corpus, tokenizer or data.seq_len changed since the checkpoint"
             )
         if "seed" in state and int(state["seed"]) != self.seed:
-            raise ValueError(
-                f"checkpointed data sampler used seed {state['seed']} but this run uses {self.seed}; "
-                f"restore the original data seed to resume the same sample order"
+            raise ConfigError(
+                f"checkpointed data sampler used seed {state['seed']} but this run uses {self.seed}; the sampler is "
+                f"seeded from train.seed: set train.seed={state['seed']} to resume the same sample order"
             )
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position <= self.num_samples:

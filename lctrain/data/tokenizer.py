@@ -29,6 +29,8 @@ from typing import BinaryIO
 
 import sentencepiece as spm
 
+from lctrain.errors import ConfigError
+
 from lctrain.data.corpus import corpus_fingerprint
 
 MAX_SENTENCE_CHARS = 4096
@@ -119,7 +121,7 @@ def _sentences(docs: Iterable[str]) -> Iterator[str]:
 
 def _train_proto(docs: Sequence[str], vocab_size: int, seed: int = 0) -> bytes:
     if vocab_size <= NUM_RESERVED:
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer vocab_size={vocab_size} is too small: {NUM_RESERVED} ids are reserved for special and "
             f"byte-fallback pieces; use model.vocab_size >= {NUM_RESERVED + 64}"
         )
@@ -150,7 +152,7 @@ def _train_proto(docs: Sequence[str], vocab_size: int, seed: int = 0) -> bytes:
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise ValueError(
+        raise ConfigError(
             f"sentencepiece could not train a vocab_size={vocab_size} BPE on this corpus ({e}); raise "
             f"model.vocab_size: {NUM_RESERVED} ids are reserved (special and byte pieces) plus one per "
             f"frequent distinct character"
@@ -264,7 +266,7 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
             the key ``model.vocab_size`` to set.
     """
     if model_vocab_size < tokenizer.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"model.vocab_size={model_vocab_size} is smaller than the tokenizer's vocabulary "
             f"({tokenizer.vocab_size} ids); set model.vocab_size={tokenizer.vocab_size} or larger"
         )

@@ -103,7 +103,6 @@ class Trainer:
         self.ckpt_root = self.out_dir / "checkpoints"
         if self.env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
         seed_everything(cfg.train.seed)
         self._build_data()
         seed_everything(cfg.train.seed)  # model init independent of how much randomness data prep used
@@ -309,8 +308,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
-        """Train to ``train.max_steps``; returns the summary written to ``summary.json``."""
+        """Train to ``train.max_steps``; returns the summary written to ``summary.json``.
+
+        A run resumed at (or past) ``train.max_steps`` is complete: nothing is trained, evaluated
+        or written, and the existing ``summary.json`` is returned (when there is one).
+        """
         t = self.cfg.train
+        if self.state.step >= t.max_steps and (self.out_dir / "summary.json").exists():
+            if self.env.is_main:
+                print(f"[lctrain] {self.out_dir} is already complete ({self.state.step} of train.max_steps="
+                      f"{t.max_steps} steps); nothing to do. Raise train.max_steps to continue it, or use another "
+                      f"train.out_dir (or train.resume=none) to start over.", flush=True)
+            barrier()
+            return json.loads((self.out_dir / "summary.json").read_text())
+        if self.env.is_main:
+            (self.out_dir / "config.yaml").write_text(to_yaml(self.cfg))
         logger = MetricsLogger(
             self.out_dir, self.env.rank, t.tensorboard, t.progress, t.max_steps, self.tokens_per_step,
             initial_step=self.state.step,

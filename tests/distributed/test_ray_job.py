@@ -51,7 +51,7 @@ def _ray_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 def ray_address():
     """A one-node Ray cluster on 127.0.0.1 (4 logical CPUs, 100 MB object store); ``ray stop`` afterwards."""
     if importlib.util.find_spec("ray") is None:
-        pytest.fail('Ray is not installed; these tests need pip install "lctrain[ray]" (CI: pip install -e ".[test,ray]")')
+        pytest.fail('Ray is not installed; these tests need pip install -e ".[ray]" (CI: pip install -e ".[test]")')
     port = free_port()
     proc = _ray_cli(
         "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4",
@@ -130,7 +130,7 @@ def test_runs_without_ray_do_not_import_it_and_missing_extra_is_named(small_corp
     )
     proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 4, proc.stdout + proc.stderr
-    assert 'pip install "lctrain[ray]"' in proc.stderr
+    assert 'pip install -e ".[ray]"' in proc.stderr
     assert not (tmp_path / "run" / "summary.json").exists()
 
 

@@ -1,0 +1,46 @@
+"""Command-line entry points: ``lctrain-train`` (installed script) and ``python -m lctrain.cli``.
+
+``lctrain-train recipe=NAME [scale=NAME] [key=value ...]`` trains like ``launch/train.py``; under
+torchrun use ``torchrun --nproc_per_node=N -m lctrain.cli recipe=...`` or
+``torchrun --nproc_per_node=N --no-python lctrain-train recipe=...``. Exit codes: 0 done,
+2 bad configuration or input (the message names the key and what is allowed), 3 non-finite loss.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def train_main(argv: list[str]) -> int:
+    """Run one training job from ``recipe=... key=value`` arguments; returns the exit code."""
+    from lctrain.config import ConfigError, load_config
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    try:
+        cfg = load_config(argv)
+        from lctrain.train.trainer import NonFiniteLossError, train
+
+        try:
+            train(cfg)
+        except NonFiniteLossError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 3
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        from lctrain.parallel.mesh import destroy
+
+        destroy()
+    return 0
+
+
+def train() -> None:
+    """``lctrain-train`` console script."""
+    sys.exit(train_main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    train()
