@@ -26,7 +26,10 @@ from lctrain.errors import ConfigError
 from lctrain.layers.attention import AttentionConfig
 from lctrain.layers.gated_deltanet import GatedDeltaNetConfig
 from lctrain.layers.lightning import LightningConfig
+from lctrain.layers.lora_mixer import LoRAMixerConfig
+from lctrain.layers.moa import MoAConfig
 from lctrain.layers.moba import MoBAConfig
+from lctrain.layers.moh import MoHConfig
 from lctrain.layers.moe import MoEConfig, moe_layer_indices
 from lctrain.layers.registry import MIXERS, describe_mixers, mixer_config
 
@@ -45,13 +48,15 @@ class ModelConfig:
 
     ``layer_pattern`` letters name registered mixers (:mod:`lctrain.layers.registry`): ``G``
     Gated DeltaNet (section ``gdn``), ``A`` softmax attention (``attn``), ``L`` Lightning
-    Attention (``lightning``), ``M`` MoBA block-sparse attention (``moba``). The pattern is
+    Attention (``lightning``), ``M`` MoBA block-sparse attention (``moba``), ``H``
+    mixture-of-head attention (``moh``), ``E`` mixture of attention experts (``moa``). The pattern is
     tiled to ``n_layers`` (``GGGA`` with 8 layers -> ``GGGAGGGA``); ``n_layers`` must be a
     multiple of the pattern length. ``final_layers`` (letters, default none) then replaces the
     last ``len(final_layers)`` layers (``GM`` + ``A`` at 4 layers -> ``GMGA``: MoBA's hybrid
     schedule with a full-attention last layer). ``moe`` turns the FFNs
     of chosen blocks into mixtures of experts. ``ffn_hidden_size = 0`` means round(8/3 *
-    d_model) up to a multiple of 64. ``kernels``: compute path of every op (``auto`` picks Triton
+    d_model) up to a multiple of 64. ``lora_mixer`` wraps the projections of chosen mixers with
+    routed LoRA experts. ``kernels``: compute path of every op (``auto`` picks Triton
     on CUDA and torch elsewhere). ``activation_checkpointing``: recompute each block in backward
     (applied from outside by the parallel package's ``parallelize()``).
     """
@@ -71,7 +76,10 @@ class ModelConfig:
     gdn: GatedDeltaNetConfig = field(default_factory=GatedDeltaNetConfig)
     lightning: LightningConfig = field(default_factory=LightningConfig)
     moba: MoBAConfig = field(default_factory=MoBAConfig)
+    moh: MoHConfig = field(default_factory=MoHConfig)
+    moa: MoAConfig = field(default_factory=MoAConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    lora_mixer: LoRAMixerConfig = field(default_factory=LoRAMixerConfig)
 
 
 # Flat model keys of lctrain <= 0.1 and where each lives now (a recipe or override using one fails
@@ -433,6 +441,7 @@ def validate(cfg: RunConfig) -> None:
         spec = MIXERS[letter]
         mixer_config(m, spec).validate(prefix=f"model.{spec.section}")
     m.moe.validate(m.n_layers)
+    m.lora_mixer.validate()
     _require(m.ffn_hidden_size >= 0, "model.ffn_hidden_size", m.ffn_hidden_size, "must be >= 0 (0 = 8/3 d_model)")
     _require(0.0 <= d.val_fraction < 0.5, "data.val_fraction", d.val_fraction, "must be in [0, 0.5)")
     _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")

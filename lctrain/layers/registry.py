@@ -97,7 +97,9 @@ def _register_builtins() -> None:
     from lctrain.layers.attention import AttentionConfig, attention_flops_per_token, build_attention
     from lctrain.layers.gated_deltanet import GatedDeltaNetConfig, build_gated_deltanet, gated_deltanet_flops_per_token
     from lctrain.layers.lightning import LightningConfig, build_lightning, lightning_flops_per_token
+    from lctrain.layers.moa import MoAConfig, build_moa, moa_flops_per_token
     from lctrain.layers.moba import MoBAConfig, build_moba, moba_flops_per_token
+    from lctrain.layers.moh import MoHConfig, build_moh, moh_flops_per_token
 
     register_mixer(MixerSpec("G", "Gated DeltaNet", "gdn", GatedDeltaNetConfig, build_gated_deltanet,
                              gated_deltanet_flops_per_token))
@@ -106,6 +108,9 @@ def _register_builtins() -> None:
     register_mixer(MixerSpec("L", "Lightning Attention", "lightning", LightningConfig, build_lightning,
                              lightning_flops_per_token))
     register_mixer(MixerSpec("M", "MoBA block-sparse attention", "moba", MoBAConfig, build_moba, moba_flops_per_token))
+    register_mixer(MixerSpec("H", "mixture-of-head attention (MoH)", "moh", MoHConfig, build_moh, moh_flops_per_token))
+    register_mixer(MixerSpec("E", "mixture of attention experts (MoA, soft MoA)", "moa", MoAConfig, build_moa,
+                             moa_flops_per_token))
 
 
 _register_builtins()

@@ -19,6 +19,7 @@ from torch import nn
 
 from lctrain.kernels.varlen import check_cu_seqlens
 from lctrain.layers.ffn import SwiGLU, default_ffn_hidden_size
+from lctrain.layers.lora_mixer import apply_lora_mixer, install_peft_adapters
 from lctrain.layers.moe import MoE, moe_layer_indices
 from lctrain.layers.registry import MIXERS, describe_mixers, get_mixer, mixer_config
 from lctrain.layers.norm import RMSNorm
@@ -77,6 +78,9 @@ class HybridBlock(nn.Module):
             kernels=cfg.kernels,
         )
         self.mixer.is_token_mixer = True  # context parallelism checks that it has a swappable sequence op
+        lora = getattr(cfg, "lora_mixer", None)
+        if lora is not None and lora.applies_to(kind):  # routed LoRA experts on the mixer's projections
+            apply_lora_mixer(self.mixer, lora)
         self.ffn_norm = RMSNorm(d, cfg.norm_eps)
         dense_hidden = default_ffn_hidden_size(d, cfg.ffn_hidden_size)
         if cfg.moe.num_experts > 0 and layer_idx in moe_layer_indices(cfg.moe.layers, cfg.n_layers):
@@ -140,6 +144,9 @@ class HybridLM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.reset_parameters()
+        lora = getattr(cfg, "lora_mixer", None)
+        if lora is not None and lora.enabled and lora.adapter_paths():  # frozen PEFT experts (model.lora_mixer.adapters)
+            install_peft_adapters(self, lora.adapter_paths())
 
     def tie_weights(self) -> None:
         """Make ``lm_head.weight`` the same Parameter as ``embed.weight`` when ``tie_embeddings``.

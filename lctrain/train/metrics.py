@@ -302,7 +302,9 @@ def routing_step(model: torch.nn.Module, group=None) -> dict | None:
         "load_max_mean", "layers": [{"name", "tokens_per_expert": [...], "load_max_mean"}]}``:
         losses are per-layer values (coefficient included) averaged over forward calls and summed
         over layers; ``load_max_mean`` is max/mean of routed slots per expert (1.0 = perfectly
-        even), averaged over layers.
+        even), averaged over layers. ``kind`` names the layer class (``MoE``, ``MoHAttention``,
+        ``MoAttention``, ``LoRAMixerLinear``): the experts are FFNs, heads, attention experts or
+        LoRA experts.
     """
     import torch.distributed as dist
 
@@ -328,7 +330,8 @@ def routing_step(model: torch.nn.Module, group=None) -> dict | None:
         slots += float(stats.slots)
         mean = float(stats.load.mean())
         ratio = float(stats.load.max()) / mean if mean > 0 else float("nan")
-        out_layers.append({"name": name, "tokens_per_expert": stats.load.tolist(), "load_max_mean": ratio})
+        out_layers.append({"name": name, "kind": type(m).__name__, "tokens_per_expert": stats.load.tolist(),
+                           "load_max_mean": ratio})
         m.after_step(stats)
         m.routing_stats.reset()
     ratios = [x["load_max_mean"] for x in out_layers]

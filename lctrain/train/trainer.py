@@ -161,6 +161,7 @@ class Trainer:
         self.flops_per_token = model.flops_per_token(self.cfg.data.seq_len)
         self.has_routing = bool(routed_layers(model))
         self.has_sparse_attention = any(hasattr(m, "attended_stats") for m in model.modules())
+        self.head_routed = [m for m in model.modules() if callable(getattr(m, "active_head_fraction", None))]
         par = parallelize(model, self.dims, self.meshes, self.cfg, self.env)
         self.model, self.dp, self.cp, self.ep = par.model, par.dp, par.cp, par.ep
 
@@ -420,6 +421,8 @@ class Trainer:
             "ep_degree": self.dims.ep,
             "moe": self.routing.summary() if self.has_routing else None,
             "attended_fraction": self.sparsity_history if self.has_sparse_attention else None,
+            "active_head_fraction": (sum(m.active_head_fraction() for m in self.head_routed) / len(self.head_routed)
+                                     if self.head_routed else None),
             "num_params": self.num_params,
             "device": str(self.device),
         }

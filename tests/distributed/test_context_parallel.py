@@ -247,6 +247,58 @@ def _checks(rank: int, world: int) -> dict[str, float]:
         params=[conv.weight],
     )
 
+    if P == 2:
+        # --- routed attention under ring and Ulysses: MoH, MoA (top-k, soft full / shared K/V) and
+        # LoRA-Mixer on an attention layer, in training mode (balance losses in the gradients,
+        # counted over the cp group); aux scale 1/P per rank because compare() sums the ranks'
+        # gradients (the trainer's data-parallel average does the same)
+        from lctrain.layers.attention import Attention
+        from lctrain.layers.lora_mixer import LoRAMixerConfig, apply_lora_mixer
+        from lctrain.layers.moa import MoAConfig, build_moa
+        from lctrain.layers.moh import MoHConfig, build_moh
+        from lctrain.layers.routing import routed_layers, set_aux_loss_scale
+        from lctrain.parallel.context import apply_context_parallel
+
+        def lora_attention():
+            layer = Attention(16, 4, 2, 4, kernels="torch")
+            apply_lora_mixer(layer, LoRAMixerConfig(num_experts=3, top_k=2, r=2, balance_coeff=0.05,
+                                                    entropy_coeff=0.02))
+            for _, m in routed_layers(layer):
+                torch.nn.init.normal_(m.lora_B, std=0.3)
+            return layer
+
+        makers = {
+            "moh": lambda: build_moh(MoHConfig(num_heads=4, num_kv_heads=2, head_dim=4, num_shared_heads=1, top_k=2,
+                                               aux_loss_coeff=0.1), 16, kernels="torch"),
+            "moa_topk": lambda: build_moa(MoAConfig(num_experts=4, top_k=2, head_dim=4, aux_loss_coeff=0.1,
+                                                    z_loss_coeff=0.01), 16, kernels="torch"),
+            "moa_soft_full": lambda: build_moa(MoAConfig(num_experts=2, routing="soft", heads_per_expert=2,
+                                                         num_kv_heads_per_expert=2, head_dim=4), 16, kernels="torch"),
+            "moa_soft_shared_kv": lambda: build_moa(MoAConfig(num_experts=2, routing="soft", shared_kv=True,
+                                                              heads_per_expert=2, head_dim=4), 16, kernels="torch"),
+            "lora_mixer": lora_attention,
+        }
+        pos_docs = position_ids_from_cu_seqlens(cu, T)
+        for name, make in makers.items():
+            torch.manual_seed(11)
+            layer = make().train()
+            for _, m in layer.named_modules():  # routers away from their (zero) init: real routing decisions
+                if "router" in type(m).__name__.lower() or _.endswith("router"):
+                    torch.nn.init.normal_(m.weight, std=0.5)
+            for impl in ("ring", "ulysses"):
+                def run_cp(x, layer=layer, h=handles[impl]):
+                    apply_context_parallel(layer, h)
+                    set_aux_loss_scale(layer, 1.0 / P)
+                    try:
+                        return layer(x, sh(pos_docs), cu)
+                    finally:
+                        apply_context_parallel(layer, None)
+                        set_aux_loss_scale(layer, 1.0)
+
+                x = torch.randn(1, T, 16, generator=gen)
+                compare(f"{name}_{impl}", run_cp, lambda x, layer=layer: layer(x, pos_docs, cu), [x],
+                        params=list(layer.parameters()))
+
     # --- whole hybrid model (G, A, L layers, FFNs, embeddings): logits and every parameter gradient
     from lctrain.config import ModelConfig
     from lctrain.layers.attention import AttentionConfig
@@ -293,6 +345,8 @@ def _expected(world: int) -> set[str]:
         if world == 2 or impl == "usp":
             names.add(f"model_GAL_{impl}")
     if world == 2:
+        names |= {f"{n}_{i}" for n in ("moh", "moa_topk", "moa_soft_full", "moa_soft_shared_kv", "lora_mixer")
+                  for i in ("ring", "ulysses")}
         names |= {"attn_ring_flash_b2_causal", "attn_ring_flash_docs", "gdn_docs_triton", "lightning_layer_triton",
                   "moba_ulysses_torch", "moba_ulysses_triton"}
     return names | {"gdn_docs", "gdn_b2", "lightning_docs", "lightning_b2", "conv_halo_docs"}

@@ -115,3 +115,35 @@ def test_moba_hybrid_ulysses_cp2_equals_one_rank(small_corpus, tmp_path):
     _assert_losses(got, ref)
     assert len(got["attended_fraction"]) == STEPS and 0 < got["attended_fraction"][0] < 1
     assert got["attended_fraction"] == pytest.approx(ref["attended_fraction"])
+
+
+ROUTED = {
+    "hybrid_gdn_3to1_moh": {"model.moh.num_heads": 4, "model.moh.num_kv_heads": 2, "model.moh.head_dim": 16,
+                            "model.moh.num_shared_heads": 1, "model.moh.top_k": 2},
+    "hybrid_gdn_3to1_moa": {"model.moa.num_experts": 4, "model.moa.top_k": 2, "model.moa.head_dim": 16},
+    "hybrid_gdn_3to1_lora_mixer": {"model.lora_mixer.num_experts": 3, "model.lora_mixer.r": 4},
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(ROUTED))
+def test_routed_attention_recipes_cp2_equal_one_rank(recipe, small_corpus, tmp_path):
+    """MoH / MoA / LoRA-Mixer recipes: 5 steps under cp=2 (ring) == one process (losses, val loss, aux)."""
+    cache = tmp_path / "cache"
+    one = _args(tmp_path / "one", small_corpus, cache, **ROUTED[recipe])
+    one[0] = f"recipe={recipe}"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = train(load_config(one))
+    finally:
+        torch.set_num_threads(threads)
+    run = _args(tmp_path / "cp2", small_corpus, cache, **ROUTED[recipe], **{"parallel.cp_degree": 2})
+    run[0] = f"recipe={recipe}"
+    (got,) = _spawn(2, [run], tmp_path)
+    assert got["cp_degree"] == 2
+    _assert_losses(got, ref)
+    assert ref["moe"]["aux_loss"][0] > 0  # the routed layers' balance losses are on
+    torch.testing.assert_close(torch.tensor(got["moe"]["aux_loss"]), torch.tensor(ref["moe"]["aux_loss"]),
+                               rtol=1e-4, atol=1e-6)
+    if recipe.endswith("_moh"):
+        assert got["active_head_fraction"] == pytest.approx(0.75)
