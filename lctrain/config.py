@@ -178,6 +178,8 @@ class TrainConfig:
     nan_policy: str = "stop"  # stop | skip
     tensorboard: bool = True
     progress: bool = True
+    compile: bool = False  # torch.compile each block (applied by parallelize, before data parallelism)
+    compile_backend: str = "inductor"  # inductor | aot_eager | eager (torch.compile backends)
 
 
 @dataclass
@@ -202,6 +204,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.fused": ("auto", "true", "false"),
     "train.dtype": ("auto", "fp32", "bf16"),
     "train.nan_policy": ("stop", "skip"),
+    "train.compile_backend": ("inductor", "aot_eager", "eager"),
 }
 
 CP_IMPLS = ("ring", "ulysses", "usp")

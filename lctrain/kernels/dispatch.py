@@ -54,8 +54,27 @@ def check_kernels(kernels: str, what: str) -> str:
     return kernels
 
 
-def use_triton(kernels: str, x: torch.Tensor) -> bool:
-    """Whether ``kernels`` picks the Triton path for tensors like ``x``: always for ``"triton"``
-    (on CPU that needs ``TRITON_INTERPRET=1``), for ``"auto"`` when ``x`` is on CUDA and triton is
-    installed, never for ``"torch"``."""
-    return kernels == "triton" or (kernels == "auto" and x.is_cuda and triton_installed())
+# What ``kernels="auto"`` picks on CUDA, per op: True = the Triton kernel, False = the torch path.
+# No GPU run has measured them yet (benchmarks/gpu_check.py is ready for one), so auto stays on the
+# safest path: dense softmax attention uses torch SDPA (its flash backend is mature and at least as
+# fast as a first Triton kernel); the linear-attention and MoBA ops use Triton, since their torch
+# paths are CPU reference paths (python loops over chunks) with no fast CUDA equivalent. Revisit
+# each entry with the numbers of a gpu_check run (see benchmarks/README.md).
+AUTO_TRITON_ON_CUDA: dict[str, bool] = {
+    "softmax_attention": False,
+    "gated_delta_rule": True,
+    "lightning_attn": True,
+    "moba": True,
+}
+
+
+def use_triton(kernels: str, x: torch.Tensor, op: str = "") -> bool:
+    """Whether ``kernels`` picks the Triton path of ``op`` for tensors like ``x``.
+
+    Always for ``"triton"`` (on CPU that needs ``TRITON_INTERPRET=1``); never for ``"torch"``;
+    for ``"auto"`` when ``x`` is on CUDA, triton is installed and :data:`AUTO_TRITON_ON_CUDA`
+    says Triton for ``op`` (unknown ops: Triton).
+    """
+    if kernels == "triton":
+        return True
+    return kernels == "auto" and x.is_cuda and triton_installed() and AUTO_TRITON_ON_CUDA.get(op, True)

@@ -70,7 +70,7 @@ class MoBAAttentionOp(SequenceOp):
     def __call__(self, q, k, v, cu_seqlens=None, scale: float | None = None) -> torch.Tensor:
         from lctrain.kernels.moba import moba_attn_func
 
-        impl = "triton" if use_triton(self.kernels, q) else "torch"
+        impl = "triton" if use_triton(self.kernels, q, "moba") else "torch"
         return moba_attn_func(q, k, v, self.block_size, self.top_k, cu_seqlens=cu_seqlens, scale=scale, kernels=impl)
 
 
@@ -90,7 +90,7 @@ class GatedDeltaRuleOp(SequenceOp):
         """``chunk_gated_delta_rule_triton`` when :func:`use_triton`, else the torch path with ``chunk_size``."""
         from lctrain.kernels.gated_delta_rule import chunk_gated_delta_rule, chunk_gated_delta_rule_triton
 
-        if use_triton(self.kernels, x):
+        if use_triton(self.kernels, x, "gated_delta_rule"):
             return chunk_gated_delta_rule_triton
         return functools.partial(chunk_gated_delta_rule, chunk_size=self.chunk_size)
 
@@ -113,7 +113,7 @@ class LightningAttnOp(SequenceOp):
 
     def kernel(self, x: torch.Tensor) -> Callable:
         """``chunk_lightning_attn_triton`` when :func:`use_triton`, else the torch chunk path."""
-        if use_triton(self.kernels, x):
+        if use_triton(self.kernels, x, "lightning_attn"):
             from lctrain.kernels.lightning_attn import chunk_lightning_attn_triton as fn
         else:
             from lctrain.kernels.lightning_attn import chunk_lightning_attn as fn

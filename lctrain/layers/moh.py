@@ -55,7 +55,7 @@ Compute paths (``MoHConfig.path``):
   is projected with its own ``Dh`` columns of ``W_g`` / ``W_o``, then weighted and summed back into
   its token, so those FLOPs scale with ``h_s + K`` active heads instead of ``H``. It reads the
   per-head counts on the host (one device sync per call).
-* ``auto``: ``selected`` when the kernels choice takes the Triton path for the input (CUDA), else
+* ``auto``: ``selected`` for CUDA inputs (where skipping inactive heads pays), else
   ``reference`` (the CPU / ``kernels="torch"`` default).
 
 Queries are computed for every head (the attention op needs them for all heads; the param-free
@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lctrain.errors import ConfigError
-from lctrain.kernels.dispatch import check_kernels, use_triton
+from lctrain.kernels.dispatch import check_kernels
 from lctrain.kernels.ops import SoftmaxAttentionOp
 from lctrain.layers.attention import AttentionConfig
 from lctrain.layers.rope import RotaryEmbedding, default_position_ids
@@ -357,7 +357,7 @@ class MoHAttention(nn.Module):
         """Whether :meth:`forward` takes the selected-heads path for inputs like ``x`` (see ``path``)."""
         if self.path == "selected":
             return True
-        return self.path == "auto" and use_triton(self.kernels, x)
+        return self.path == "auto" and x.is_cuda
 
     def forward(
         self,

@@ -147,18 +147,29 @@ class DDPDataParallel(DataParallel):
 
 
 class FSDPDataParallel(DataParallel):
-    """FSDP2 ``fully_shard`` on every block of ``model.layers`` and on the root, sharded over ``mesh``."""
+    """FSDP2 ``fully_shard`` on every block of ``model.layers`` and on the root, sharded over ``mesh``.
 
-    def __init__(self, mesh: DeviceMesh, loss_scale: float):
+    ``param_dtype=torch.bfloat16`` (what :func:`lctrain.parallel.parallelize` passes for
+    ``train.dtype`` bf16, and for ``auto`` on CUDA) gives ``fully_shard`` a
+    ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``: parameters are all-gathered
+    and computed in bf16, gradients reduce-scattered in fp32 into the fp32 master shards the
+    optimizer updates. None keeps everything in the parameters' dtype (fp32).
+    """
+
+    def __init__(self, mesh: DeviceMesh, loss_scale: float, param_dtype: torch.dtype | None = None):
         super().__init__(loss_scale)
         self.mesh = mesh
+        self.param_dtype = param_dtype
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        kw = {}
+        if self.param_dtype is not None:
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32)
         for block in getattr(model, "layers", []):
-            fully_shard(block, mesh=self.mesh)
-        fully_shard(model, mesh=self.mesh)
+            fully_shard(block, mesh=self.mesh, **kw)
+        fully_shard(model, mesh=self.mesh, **kw)
         self.model = model
         return model
 
@@ -177,8 +188,12 @@ class FSDPDataParallel(DataParallel):
         return _fsdp()
 
 
-def build_data_parallel(dp_impl: str, mesh: DeviceMesh | None, device: torch.device, loss_scale: float) -> DataParallel:
+def build_data_parallel(dp_impl: str, mesh: DeviceMesh | None, device: torch.device, loss_scale: float,
+                        param_dtype: torch.dtype | None = None) -> DataParallel:
     """The backend for ``parallel.dp_impl`` over the gradient-averaging ``mesh`` (None: one process).
+
+    ``param_dtype``: the compute dtype of FSDP's mixed-precision policy (see :class:`FSDPDataParallel`);
+    DDP keeps fp32 parameters and autocast casts per op.
 
     Raises:
         ValueError: unknown ``dp_impl``.
@@ -189,7 +204,7 @@ def build_data_parallel(dp_impl: str, mesh: DeviceMesh | None, device: torch.dev
         return DataParallel(loss_scale)
     if dp_impl == "ddp":
         return DDPDataParallel(mesh, device, loss_scale)
-    return FSDPDataParallel(mesh, loss_scale)
+    return FSDPDataParallel(mesh, loss_scale, param_dtype)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

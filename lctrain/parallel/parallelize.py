@@ -9,8 +9,12 @@ Order (each step sees the result of the previous one, as torchtitan's ``parallel
    context-parallel versions (:func:`lctrain.parallel.context.apply_context_parallel`).
 3. **Activation checkpointing** (``model.activation_checkpointing``): each block recomputes its
    forward in backward (:func:`apply_activation_checkpointing`), around the ops chosen above.
+   Then **compilation** (``train.compile``): each block is ``torch.compile``d on its own
+   (:func:`apply_compile`; the Triton kernels are custom ops, so they stay single graph nodes),
+   as torchtitan compiles per block before FSDP wraps it.
 4. **Data parallelism**: the :class:`~lctrain.parallel.data_parallel.DataParallel` backend for
-   ``parallel.dp_impl`` wraps the model, averaging replicated gradients over ``dp x cp`` ranks.
+   ``parallel.dp_impl`` wraps the model, averaging replicated gradients over ``dp x cp`` ranks
+   (FSDP with bf16 training: bf16 all-gathered parameters, fp32 gradient reduction).
 
 The model code never imports any of this.
 """
@@ -67,6 +71,18 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     return model
 
 
+def apply_compile(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    """``torch.compile`` every block of ``model.layers`` in place (``Module.compile``); returns ``model``.
+
+    Module names and state-dict keys stay the same. ``backend``: ``inductor`` (fused kernels; on
+    CPU it needs a C++ compiler), ``aot_eager`` (traces forward and backward without code
+    generation: what the CPU test uses) or ``eager``.
+    """
+    for block in getattr(model, "layers", []):
+        block.compile(backend=backend)
+    return model
+
+
 def parallelize(model: nn.Module, dims: ParallelDims, meshes: Meshes, cfg, env: DistEnv) -> Parallelized:
     """Apply expert, context, activation-checkpointing and data parallelism to ``model`` (see module docstring).
 
@@ -93,5 +109,10 @@ def parallelize(model: nn.Module, dims: ParallelDims, meshes: Meshes, cfg, env: 
         apply_context_parallel(model, cp)
     if cfg.model.activation_checkpointing:
         apply_activation_checkpointing(model)
-    dp = build_data_parallel(p.dp_impl, meshes.grad_mesh(), env.device, dims.grad_average_degree)
+    if cfg.train.compile:
+        apply_compile(model, cfg.train.compile_backend)
+    t = cfg.train
+    bf16 = t.dtype == "bf16" or (t.dtype == "auto" and env.device.type == "cuda")
+    dp = build_data_parallel(p.dp_impl, meshes.grad_mesh(), env.device, dims.grad_average_degree,
+                             param_dtype=torch.bfloat16 if bf16 else None)
     return Parallelized(dp.wrap(model), dp, cp, ep)

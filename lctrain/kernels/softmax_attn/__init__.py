@@ -34,7 +34,8 @@ def softmax_attention(
 ) -> torch.Tensor:
     """Scaled dot-product attention (Vaswani et al. 2017, eq. 1) in the ``[B, T, H, Dh]`` layout.
 
-    Triton path (``use_triton(kernels, q)``): :func:`lctrain.kernels.flash_attn.flash_attn_func`,
+    Triton path (``use_triton(kernels, q, "softmax_attention")``: ``kernels="triton"``; ``auto``
+    on CUDA keeps SDPA until a GPU run says otherwise): :func:`lctrain.kernels.flash_attn.flash_attn_func`,
     or ``flash_attn_varlen_func`` on ``q[0]`` when ``cu_seqlens`` is given (FlashAttention-2).
 
     PyTorch path: ``F.scaled_dot_product_attention`` once for the batch, or once per document
@@ -68,7 +69,7 @@ def softmax_attention(
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, T, B)
         bounds = cu_seqlens.tolist()
-    if use_triton(kernels, q):
+    if use_triton(kernels, q, "softmax_attention"):
         from lctrain.kernels.flash_attn import flash_attn_func, flash_attn_varlen_func
 
         if bounds is None:

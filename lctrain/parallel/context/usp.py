@@ -66,7 +66,7 @@ def context_parallel_attention(
         ring = (cp.ring_group, cp.ring_rank, cp.ring_degree, cp.ring_global_ranks)
         o = ring_attention(
             q, k, v, q_index, kv_index, cu_seqlens, ring, scale=scale, causal=causal,
-            use_flash=use_triton(kernels, q),
+            use_flash=use_triton(kernels, q, "softmax_attention"),
         )
     if U > 1:
         o = heads_to_seq(o, cp.ulysses_group)
