@@ -30,7 +30,8 @@ case "$cmd" in
     exec python "${LCTRAIN_HOME}/launch/ray_job.py" "$@"
     ;;
   help | -h | --help)
-    sed -n '2,12p' "$0"
+    # the usage block above, without the comment markers
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
     ;;
   *)
     exec "$cmd" "$@"

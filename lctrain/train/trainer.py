@@ -412,6 +412,9 @@ class Trainer:
             "final_val_ppl": math.exp(vh[-1][1]) if vh else None,
             "val_history": vh,
             "tokens_per_s": run_tokens / run_time if run_time > 0 else 0.0,
+            # model FLOPs utilisation per device over the run (None on CPU and GPUs without a known peak)
+            "mfu": (mfu(self.flops_per_token, run_tokens / run_time / self.env.world_size, self.device)
+                    if run_time > 0 else None),
             "wall_time_s": wall,
             "losses": self.state.losses,
             "skipped_steps": self.state.skipped_steps,

@@ -131,3 +131,11 @@ def test_sbatch_directives_and_srun_torchrun_line(tmp_path):
                 "--rdzv_id=4242"):
         assert arg in call, (arg, call)
     assert call[-3:] == [f"{REPO}/launch/train.py", "recipe=hybrid_gdn_3to1", "train.out_dir=/shared/runs/x"]
+
+
+def test_entrypoint_help_prints_usage_not_script_lines():
+    proc = subprocess.run(["bash", str(ENTRYPOINT), "--help"], capture_output=True, text=True, timeout=30)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and lines[0] == "lctrain container entrypoint."
+    assert any(line.startswith("  train ARGS") for line in lines)
+    assert not any(line.startswith("#") or "set -euo" in line for line in lines), lines
