@@ -1,0 +1,147 @@
+"""Regenerate the README's result tables from the JSON under ``benchmarks/results/``.
+
+Each table sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` in README.md and
+is written only from a results file, so every number in it has a JSON behind it::
+
+    python benchmarks/readme_results.py          # rewrite README.md
+    python benchmarks/readme_results.py --check  # exit 1 if README.md is out of date (a test runs this)
+
+Tables: ``quickstart`` and ``mixers`` from ``compare_mixers_cpu.json``
+(``benchmarks/compare_mixers.py``), ``bam`` from ``bam_cpu.json`` and ``recall`` from
+``recall_vs_ratio_cpu.json`` when those files exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+
+MIXER_NOTES = {
+    "hybrid_gdn_3to1": "dense baseline (GGGA)",
+    "hybrid_gdn_3to1_moh": "GGGH: MoH, 1 shared + top-2 of 3 routed heads",
+    "hybrid_gdn_3to1_moa": "GGGE: top-2 of 4 attention experts, shared K/V head",
+    "hybrid_gdn_3to1_lora_mixer": "GGGA + LoRA-Mixer (4 rank-8 experts, top-1) on A and G projections",
+    "hybrid_gdn_moba": "GMGA: MoBA block 64, top-3 (last layer full attention)",
+}
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def quickstart_table() -> str | None:
+    d = _load("compare_mixers_cpu.json")
+    if not d or "hybrid_gdn_3to1" not in d:
+        return None
+    r, about = d["hybrid_gdn_3to1"], d["_about"]
+    steps = [s for s, _ in r["val_history"]]
+    loss = [v for _, v in r["val_history"]]
+    lines = [
+        f"`hybrid_gdn_3to1`, scale `{about['scale']}`, {r['num_params'] / 1e6:.2f} M parameters, {r['steps']} steps = "
+        f"{r['tokens'] / 1e6:.2f} M tokens, {about['nproc']} gloo ranks x {about['threads_per_rank']} thread on "
+        f"{about['machine']} (`benchmarks/results/compare_mixers_cpu.json`; command there):",
+        "",
+        "| step | " + " | ".join(str(s) for s in steps) + " |",
+        "|---|" + "---|" * len(steps),
+        "| validation loss | " + " | ".join(f"{x:.2f}" for x in loss) + " |",
+        "| validation perplexity | " + " | ".join(f"{math.exp(x):.0f}" for x in loss) + " |",
+        "",
+        f"Wall time {r['wall_s'] / 60:.1f} min including tokenizer training and evaluation, "
+        f"{r['tokens_per_s']:.0f} tokens/s while training.",
+    ]
+    return "\n".join(lines)
+
+
+def mixers_table() -> str | None:
+    d = _load("compare_mixers_cpu.json")
+    if not d:
+        return None
+    rows = {k: v for k, v in d.items() if not k.startswith("_")}
+    base = rows.get("hybrid_gdn_3to1")
+    lines = [
+        "| recipe | layers | params | val loss | val ppl | tokens/s | vs dense | routing figure |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        fig = []
+        if r.get("active_head_fraction") is not None:
+            fig.append(f"active heads {r['active_head_fraction']:.2f}")
+        if r.get("attended_fraction") is not None:
+            fig.append(f"attended keys {r['attended_fraction']:.2f}")
+        routing = r.get("routing") or {}
+        if routing.get("load_max_mean"):
+            last = routing["load_max_mean"][-1]
+            fig.append(f"max/mean load {last:.2f}")
+        ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
+        lines.append(
+            f"| `{name}` | {MIXER_NOTES.get(name, '')} | {r['num_params'] / 1e6:.2f} M | {r['final_val_loss']:.3f} | "
+            f"{r['final_val_ppl']:.1f} | {r['tokens_per_s']:.0f} | {ratio:.2f}x | {', '.join(fig) or '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def bam_table() -> str | None:
+    d = _load("bam_cpu.json")
+    if not d or "table" not in d:
+        return None
+    table = d["table"]  # {model: {domain: val_loss}}
+    domains = sorted({dom for row in table.values() for dom in row})
+    lines = ["| model | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+    for model, row in table.items():
+        lines.append(f"| {model} | " + " | ".join(f"{row[dom]:.3f}" if dom in row else "-" for dom in domains) + " |")
+    return "\n".join(lines)
+
+
+def recall_table() -> str | None:
+    d = _load("recall_vs_ratio_cpu.json")
+    if not d or "table" not in d:
+        return None
+    rows = d["table"]  # list of {model, ratio, mqar_accuracy, val_loss?}
+    keys = [k for k in ("model", "pattern", "mqar_accuracy", "val_loss") if any(k in r for r in rows)]
+    lines = ["| " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for r in rows:
+        cells = [f"{r[k]:.3f}" if isinstance(r.get(k), float) else str(r.get(k, "-")) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+TABLES = {"quickstart": quickstart_table, "mixers": mixers_table, "bam": bam_table, "recall": recall_table}
+
+
+def render(readme: str) -> str:
+    """``readme`` with every marked table replaced by its regenerated text (unknown data: left as is)."""
+    for name, make in TABLES.items():
+        pattern = re.compile(rf"(<!-- results:{name} -->\n)(.*?)(<!-- /results:{name} -->)", re.S)
+        text = make()
+        if text is not None and pattern.search(readme):
+            readme = pattern.sub(lambda m, t=text: m.group(1) + t + "\n" + m.group(3), readme)
+    return readme
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="exit 1 when README.md differs from the regenerated one")
+    ap.add_argument("--readme", default=str(REPO / "README.md"))
+    args = ap.parse_args()
+    path = Path(args.readme)
+    old = path.read_text()
+    new = render(old)
+    if args.check:
+        if new != old:
+            print("README.md result tables are out of date: run python benchmarks/readme_results.py", file=sys.stderr)
+            return 1
+        return 0
+    path.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
