@@ -101,3 +101,15 @@ def test_non_editable_install_finds_recipes_and_runs_the_entry_point(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "lctrain.cli", "recipe=nope"], capture_output=True, text=True,
                          cwd=elsewhere, env=env, timeout=120)
     assert bad.returncode == 2 and "unknown recipe 'nope'" in bad.stderr and "hybrid_gdn_3to1" in bad.stderr
+
+
+def test_ray_worker_records_input_errors_instead_of_raising(tmp_path, monkeypatch):
+    """A user-input error found on a Ray worker is reported (status 'config', exit 2), not raised for a retry."""
+    import ray.train  # in the test extra: a missing Ray fails this test rather than skipping it
+
+    from lctrain.cluster import ray as lray
+
+    monkeypatch.setattr(ray.train, "get_context", lambda: type("Ctx", (), {"get_world_rank": lambda self: 0})())
+    lray.train_worker({"overrides": ["recipe=hybrid_gdn_3to1", "data.path=/no/such/dir"], "out_dir": str(tmp_path)})
+    status = json.loads((tmp_path / lray.STATUS_FILE).read_text())
+    assert status["status"] == "config" and "data.path '/no/such/dir' does not exist" in status["message"]
