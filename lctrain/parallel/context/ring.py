@@ -19,10 +19,13 @@ Masks use global token indices: ``q_index`` for this rank's queries and ``kv_ind
 keys held by ring rank ``j`` (plus document ids from the global ``cu_seqlens``), so the same code
 serves pure ring (zigzag shards) and USP (the Ulysses-gathered token sets).
 
-Block kernels: the torch path of :mod:`~lctrain.kernels.softmax_attn.block` (any mask), or on
-CUDA the Triton FlashAttention-2 ``flash_attn_fwd`` / ``flash_attn_bwd`` for the blocks the zigzag
-layout produces without document masks (a chunk pair against itself: causal; other ranks'
-chunks: a fully visible rectangle of rows x columns); see :func:`block_plan`.
+Block kernels: for the blocks the zigzag layout produces without document masks (a chunk pair
+against itself: causal; other ranks' chunks: a fully visible rectangle of rows x columns, see
+:func:`block_plan`) fused kernels with log-sum-exp that never hold a block's score matrix: the
+Triton FlashAttention-2 ``flash_attn_fwd`` / ``flash_attn_bwd`` when the layer's kernels choose
+Triton, PyTorch's fused CPU flash kernels on CPU otherwise (:func:`flash_kernels`). Blocks cut by
+document boundaries take the torch path of :mod:`~lctrain.kernels.softmax_attn.block` with the
+explicit mask.
 """
 
 from __future__ import annotations
@@ -48,17 +51,25 @@ def _wait(reqs: list) -> None:
         r.wait()
 
 
-def flash_kernels(use_flash: bool):
-    """``(flash_attn_fwd, flash_attn_bwd)`` of :mod:`lctrain.kernels.flash_attn` when ``use_flash``, else None.
+def flash_kernels(use_flash: bool, device: torch.device | None = None):
+    """The fused ``(fwd, bwd)`` block kernels with log-sum-exp for this device, or None.
 
-    ``use_flash`` is the layer's kernel choice resolved for the device
-    (:func:`lctrain.kernels.dispatch.use_triton`); on CPU it needs ``TRITON_INTERPRET=1``.
+    ``use_flash`` (the layer's kernel choice resolved for the device,
+    :func:`lctrain.kernels.dispatch.use_triton`): the Triton ``flash_attn_fwd`` /
+    ``flash_attn_bwd`` of :mod:`lctrain.kernels.flash_attn` (on CPU under ``TRITON_INTERPRET=1``).
+    Otherwise, on CPU, PyTorch's fused CPU flash-attention kernels
+    (:mod:`lctrain.kernels.softmax_attn.cpu_flash`), which never form a block's full score
+    matrix; elsewhere None (the dense torch block path).
     """
-    if not use_flash:
-        return None
-    from lctrain.kernels.flash_attn import flash_attn_bwd, flash_attn_fwd
+    if use_flash:
+        from lctrain.kernels.flash_attn import flash_attn_bwd, flash_attn_fwd
 
-    return flash_attn_fwd, flash_attn_bwd
+        return flash_attn_fwd, flash_attn_bwd
+    if device is not None and device.type == "cpu":
+        from lctrain.kernels.softmax_attn.cpu_flash import cpu_flash_attn_bwd, cpu_flash_attn_fwd
+
+        return cpu_flash_attn_fwd, cpu_flash_attn_bwd
+    return None
 
 
 def block_plan(mask: torch.Tensor):
@@ -218,7 +229,7 @@ def ring_attention(
         scale = q.shape[-1] ** -0.5
     q_doc = doc_ids(cu_seqlens, q_index)
     kv_doc = doc_ids(cu_seqlens, kv_index)
-    flash = flash_kernels(use_flash)
+    flash = flash_kernels(use_flash, q.device)
     return _RingAttention.apply(
         q, k, v, float(scale), causal, q_index, q_doc, list(kv_index), list(kv_doc), ring, flash
     )
