@@ -91,31 +91,74 @@ def block_plan(mask: torch.Tensor):
     return ("dense",)
 
 
+def _runs(idx: torch.Tensor) -> list[torch.Tensor]:
+    """Split local positions whose global indices ``idx`` are increasing into consecutive runs."""
+    if idx.numel() == 0:
+        return []
+    cut = (torch.diff(idx) != 1).nonzero().flatten() + 1
+    pos = torch.arange(idx.numel(), device=idx.device)
+    return list(torch.tensor_split(pos, cut.tolist()))
+
+
+def document_pieces(mask, q_index, k_index, q_doc, k_doc):
+    """Split a block whose mask is cut by document boundaries into fused-kernel pieces.
+
+    Per document, the rank's queries and keys form runs of consecutive global indices (a zigzag
+    chunk intersected with the document); every (query run, key run) pair of one document is
+    then empty, fully visible or causal (the same run). Returns ``("pieces", [(rows, cols,
+    causal), ...])`` with local row / column indices, or ``("dense",)`` when some pair is none of
+    these (the explicit-mask path).
+    """
+    pieces = []
+    for d in torch.unique(q_doc).tolist():
+        q_pos = (q_doc == d).nonzero().flatten()
+        k_pos = (k_doc == d).nonzero().flatten()
+        if k_pos.numel() == 0:
+            continue
+        for rq in _runs(q_index[q_pos]):
+            rows = q_pos[rq]
+            for rk in _runs(k_index[k_pos]):
+                cols = k_pos[rk]
+                plan = block_plan(mask[rows][:, cols])
+                if plan is None:
+                    continue
+                if plan[0] == "causal":
+                    pieces.append((rows, cols, True))
+                elif plan[0] == "sub":
+                    pieces.append((rows[plan[1]], cols[plan[2]], False))
+                else:
+                    return ("dense",)
+    return ("pieces", pieces)
+
+
 def _flash_block_fwd(fwd, plan, q, k, v, scale):
     if plan[0] == "causal":
         o, lse = fwd(q, k, v, softmax_scale=scale, causal=True)
         return o, lse
-    rows, cols = plan[1], plan[2]
-    o_s, lse_s = fwd(q[:, rows].contiguous(), k[:, cols].contiguous(), v[:, cols].contiguous(),
-                     softmax_scale=scale, causal=False)
+    pieces = plan[1] if plan[0] == "pieces" else [(plan[1], plan[2], False)]
     o = q.new_zeros(q.shape, dtype=torch.float32)
     lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), device=q.device)
-    o[:, rows] = o_s.float()
-    lse[:, :, rows] = lse_s.float()
+    for rows, cols, causal in pieces:
+        o_s, lse_s = fwd(q[:, rows].contiguous(), k[:, cols].contiguous(), v[:, cols].contiguous(),
+                         softmax_scale=scale, causal=causal)
+        o_m, lse_m = merge_partial(o[:, rows], lse[:, :, rows], o_s, lse_s)  # a row may see several pieces
+        o[:, rows] = o_m
+        lse[:, :, rows] = lse_m
     return o, lse
 
 
 def _flash_block_bwd(bwd, plan, dout, q, k, v, out, lse, scale):
     if plan[0] == "causal":
         return bwd(dout, q, k, v, out, lse, softmax_scale=scale, causal=True)
-    rows, cols = plan[1], plan[2]
-    sub = lambda t: t[:, rows].contiguous()
-    dq_s, dk_s, dv_s = bwd(sub(dout), sub(q), k[:, cols].contiguous(), v[:, cols].contiguous(), sub(out),
-                           lse[:, :, rows].contiguous(), softmax_scale=scale, causal=False)
+    pieces = plan[1] if plan[0] == "pieces" else [(plan[1], plan[2], False)]
     dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (q, k, v))
-    dq[:, rows] = dq_s.float()
-    dk[:, cols] = dk_s.float()
-    dv[:, cols] = dv_s.float()
+    for rows, cols, causal in pieces:  # with the final out / lse every piece's share is independent
+        sub = lambda t, rows=rows: t[:, rows].contiguous()  # noqa: E731
+        dq_s, dk_s, dv_s = bwd(sub(dout), sub(q), k[:, cols].contiguous(), v[:, cols].contiguous(), sub(out),
+                               lse[:, :, rows].contiguous(), softmax_scale=scale, causal=causal)
+        dq[:, rows] += dq_s.float()
+        dk[:, cols] += dk_s.float()
+        dv[:, cols] += dv_s.float()
     return dq, dk, dv
 
 
@@ -133,6 +176,8 @@ class _RingAttention(torch.autograd.Function):
                 nxt_kv, reqs = _start_shift(kv, nxt, prv, group)
             mask = attention_mask(q_index, kv_index[src], q_doc, kv_doc[src], causal)
             plan = block_plan(mask)
+            if plan is not None and plan[0] == "dense" and flash is not None:  # documents cut the block
+                plan = document_pieces(mask, q_index, kv_index[src], q_doc, kv_doc[src])
             if plan is not None and plan[0] != "dense" and flash is not None:
                 o_b, l_b = _flash_block_fwd(flash[0], plan, q, kv[0], kv[1], scale)
             elif plan is not None:
