@@ -14,7 +14,8 @@ so ``exp`` becomes ``exp2``; ``lse`` is stored in natural-log units.
 Masking (FlashAttention >= 2.1 convention): with ``off = seqlen_k - seqlen_q``, query ``i``
 sees key ``j`` iff ``i + off - left <= j <= i + off + right``; ``HAS_LEFT``/``HAS_RIGHT`` are
 compile-time switches for finite bounds (``causal`` is ``right = 0``). Key (query) blocks
-entirely outside the band are skipped by the loop bounds. Rows without any visible key give
+entirely outside the band are skipped by the loop bounds, and tiles entirely inside it skip the
+mask (:func:`_interior`); only boundary tiles build and apply it. Rows without any visible key give
 ``out = 0``, ``lse = -inf``; the backward treats ``lse = -inf`` as ``+inf`` so such rows have
 ``P = 0``. All products accumulate in fp32; ``P`` and ``dS`` are cast to the input dtype before
 their matmuls (as FlashAttention does for fp16/bf16).
@@ -47,6 +48,33 @@ def _band_mask(
     if HAS_LEFT:
         mask = mask & (cols[None, :] >= rows[:, None] + off - window_left)
     return mask
+
+
+@triton.jit
+def _interior(
+    start_m,
+    start_n,
+    seqlen_q,
+    seqlen_k,
+    off,
+    window_left,
+    window_right,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Whether the (query block, key block) tile is fully in range and inside the band: no mask needed.
+
+    Only boundary tiles (the diagonal of a causal band, window edges, partial last blocks) pay
+    for the mask; the interior of the band skips it.
+    """
+    inside = (start_m + BLOCK_M <= seqlen_q) & (start_n + BLOCK_N <= seqlen_k)
+    if HAS_RIGHT:  # every key j <= every query i + off + right: the largest j against the smallest i
+        inside = inside & (start_n + BLOCK_N - 1 <= start_m + off + window_right)
+    if HAS_LEFT:  # every key j >= every query i + off - left: the smallest j against the largest i
+        inside = inside & (start_n >= start_m + BLOCK_M - 1 + off - window_left)
+    return inside
 
 
 @triton.jit
@@ -121,8 +149,10 @@ def _fwd_kernel(
             other=0.0,
         )
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-        mask = _band_mask(rows, cols, seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-        s = tl.where(mask, s, float("-inf"))
+        if not _interior(start_m, start_n, seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT, HAS_RIGHT,
+                         BLOCK_M, BLOCK_N):
+            mask = _band_mask(rows, cols, seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            s = tl.where(mask, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # rows with nothing visible yet keep m = -inf; subtract 0 there instead (avoids -inf - -inf)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -229,12 +259,15 @@ def _bwd_dkdv_kernel(
             delta = tl.load(DELTA + h * stride_lh + q_start + rows, mask=row_ok, other=0.0)
             # transposed scores [BLOCK_N, BLOCK_M] so dK/dV accumulate without transposing them
             s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2
-            mask_t = tl.trans(
-                _band_mask(
-                    rows, cols, seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT, HAS_RIGHT
+            p_t = tl.exp2(s_t - lse[None, :])
+            if not _interior(start_m, start_n, seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT,
+                             HAS_RIGHT, BLOCK_M, BLOCK_N):
+                mask_t = tl.trans(
+                    _band_mask(
+                        rows, cols, seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT, HAS_RIGHT
+                    )
                 )
-            )
-            p_t = tl.where(mask_t, tl.exp2(s_t - lse[None, :]), 0.0)
+                p_t = tl.where(mask_t, p_t, 0.0)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             ds_t = p_t * (dp_t - delta[None, :])
@@ -323,8 +356,11 @@ def _bwd_dq_kernel(
         k = tl.load(K + kv_off * stride_kt + hk * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + kv_off * stride_vt + hk * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-        mask = _band_mask(rows, cols, seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-        p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.exp2(s - lse[:, None])
+        if not _interior(start_m, start_n, seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT, HAS_RIGHT,
+                         BLOCK_M, BLOCK_N):
+            mask = _band_mask(rows, cols, seqlen_q, seqlen_k, off, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            p = tl.where(mask, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
