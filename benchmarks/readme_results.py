@@ -90,26 +90,27 @@ def mixers_table() -> str | None:
 
 def bam_table() -> str | None:
     d = _load("bam_cpu.json")
-    if not d or "table" not in d:
+    if not d or "val_loss" not in d:
         return None
-    table = d["table"]  # {model: {domain: val_loss}}
-    domains = sorted({dom for row in table.values() for dom in row})
-    lines = ["| model | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+    table, budget = d["val_loss"], d.get("budget", {})
+    domains = [k for k in next(iter(table.values())) if k != "mean"]
+    lines = ["| model | " + " | ".join(domains) + " | mean | steps (this stage) | total steps | params |",
+             "|---|" + "---|" * (len(domains) + 4)]
     for model, row in table.items():
-        lines.append(f"| {model} | " + " | ".join(f"{row[dom]:.3f}" if dom in row else "-" for dom in domains) + " |")
+        b = budget.get(model, {})
+        lines.append(f"| {model} | " + " | ".join(f"{row[dom]:.4f}" for dom in domains) + f" | {row['mean']:.4f} | "
+                     f"{b.get('steps', '-')} | {b.get('total_steps', '-')} | {b.get('num_params', 0) / 1e6:.2f} M |")
     return "\n".join(lines)
 
 
 def recall_table() -> str | None:
     d = _load("recall_vs_ratio_cpu.json")
-    if not d or "table" not in d:
+    if not d or "runs" not in d:
         return None
-    rows = d["table"]  # list of {model, ratio, mqar_accuracy, val_loss?}
-    keys = [k for k in ("model", "pattern", "mqar_accuracy", "val_loss") if any(k in r for r in rows)]
-    lines = ["| " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for r in rows:
-        cells = [f"{r[k]:.3f}" if isinstance(r.get(k), float) else str(r.get(k, "-")) for k in keys]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = ["| model | pattern | MQAR accuracy | val loss (answers) | params | train s |", "|---|---|---|---|---|---|"]
+    for r in d["runs"]:
+        lines.append(f"| {r['ratio']} | `{r['pattern']}` | {r['accuracy']:.3f} | {r['final_val_loss']:.3f} | "
+                     f"{r['num_params'] / 1e6:.2f} M | {r['train_time_s']:.0f} |")
     return "\n".join(lines)
 
 

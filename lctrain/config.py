@@ -32,6 +32,7 @@ from lctrain.layers.moba import MoBAConfig
 from lctrain.layers.moh import MoHConfig
 from lctrain.layers.moe import MoEConfig, moe_layer_indices
 from lctrain.layers.registry import MIXERS, describe_mixers, mixer_config
+from lctrain.upcycle.config import UpcycleConfig
 
 __all__ = [
     "ConfigError", "DataConfig", "ModelConfig", "MoEConfig", "OptimConfig", "ParallelConfig", "RunConfig",
@@ -58,7 +59,9 @@ class ModelConfig:
     d_model) up to a multiple of 64. ``lora_mixer`` wraps the projections of chosen mixers with
     routed LoRA experts. ``kernels``: compute path of every op (``auto`` picks Triton
     on CUDA and torch elsewhere). ``activation_checkpointing``: recompute each block in backward
-    (applied from outside by the parallel package's ``parallelize()``).
+    (applied from outside by the parallel package's ``parallelize()``). ``parallel_block``: each block
+    computes ``x + mixer(norm(x)) + ffn(norm(x))`` (parallel layers, GPT-J / PaLM) instead of the
+    sequential pre-norm residual pair.
     """
 
     vocab_size: int = 4096
@@ -72,6 +75,7 @@ class ModelConfig:
     ffn_hidden_size: int = 0
     kernels: str = "auto"
     activation_checkpointing: bool = False
+    parallel_block: bool = False
     attn: AttentionConfig = field(default_factory=AttentionConfig)
     gdn: GatedDeltaNetConfig = field(default_factory=GatedDeltaNetConfig)
     lightning: LightningConfig = field(default_factory=LightningConfig)
@@ -103,8 +107,10 @@ class DataConfig:
     """Corpus, tokenizer and packing.
 
     ``path``: a built-in corpus name (``pd_english``), a local file or directory
-    (``.jsonl``, ``.jsonl.gz``, ``.json``, ``.txt``, ``.parquet``), or ``hf:<owner/name>`` for a
-    Hugging Face hub dataset (needs network).
+    (``.jsonl``, ``.jsonl.gz``, ``.json``, ``.txt``, ``.parquet``), ``hf:<owner/name>`` for a
+    Hugging Face hub dataset (needs network), or ``megatron:PREFIX`` / ``megatron:W1,PREFIX_1,W2,PREFIX_2``
+    for Megatron indexed datasets (``.bin`` / ``.idx`` from ``launch/preprocess.py`` or Megatron-LM;
+    :mod:`lctrain.data.megatron`).
     """
 
     path: str = "pd_english"
@@ -115,6 +121,9 @@ class DataConfig:
     tokenizer: str = "auto"  # "auto": train a sentencepiece BPE on the corpus and cache it, or a .model path
     cache_dir: str = ""  # default: <out_dir>/../.cache/data, shared by runs
     seed: int = 1234
+    # document selection by metadata field, e.g. "author=William Shakespeare" (syntax: lctrain.data.corpus.FILTER_SYNTAX);
+    # each '|' alternative gets its own val_fraction split. Empty: every document.
+    filter: str = ""
 
 
 @dataclass
@@ -122,12 +131,21 @@ class ParallelConfig:
     """Device mesh. ``dp_degree = -1`` takes all ranks not used by other axes."""
 
     dp_degree: int = -1
-    dp_impl: str = "ddp"  # ddp | fsdp
+    dp_impl: str = "ddp"  # ddp | fsdp | deepspeed (ZeRO, keys zero_* / offload_* below)
     cp_degree: int = 1
     cp_impl: str = "ring"  # ring | ulysses | usp
     ulysses_degree: int = 1
     ep_degree: int = 1
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+    # DeepSpeed ZeRO (dp_impl=deepspeed only; lctrain.parallel.deepspeed generates the DeepSpeed config from these
+    # keys and train.* / optim.*, see docs/deepspeed_megatron.md). Bucket sizes and thresholds count elements.
+    zero_stage: int = 2  # 1 (optimizer states partitioned) | 2 (+ gradients) | 3 (+ parameters)
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer states and fp32 master weights on CPU
+    offload_params: bool = False  # parameters on CPU between uses (zero_stage=3 only)
+    zero_reduce_bucket_size: int = 500_000_000  # gradient reduce / reduce-scatter bucket
+    zero_allgather_bucket_size: int = 500_000_000  # stages 1-2: parameter all-gather bucket after the step
+    zero_prefetch_bucket_size: int = 50_000_000  # stage 3: parameters prefetched ahead of their use
+    zero_param_persistence_threshold: int = 100_000  # stage 3: parameters smaller than this stay whole on every rank
 
 
 @dataclass
@@ -173,6 +191,8 @@ class TrainConfig:
     resume: str = "auto"  # auto | none | <path to a checkpoint directory>
     eval_every: int = 50
     eval_batches: int = 4
+    # names of lctrain.eval tasks run at each evaluation ("mqar", "passkey?lengths=256,512", ...)
+    eval_tasks: list[str] = field(default_factory=list)
     log_every: int = 1
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     nan_policy: str = "stop"  # stop | skip
@@ -193,11 +213,12 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)  # BAM / BTX pipeline (launch/upcycle.py)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.kernels": ("auto", "triton", "torch"),
-    "parallel.dp_impl": ("ddp", "fsdp"),
+    "parallel.dp_impl": ("ddp", "fsdp", "deepspeed"),
     "parallel.cp_impl": ("ring", "ulysses", "usp"),
     "parallel.backend": ("auto", "gloo", "nccl"),
     "optim.schedule": ("cosine", "wsd", "constant"),
@@ -396,9 +417,14 @@ def check_mixers_context_parallel(m: ModelConfig, cp_degree: int, cp_impl: str, 
 
 
 def _check_data_path(path: str) -> None:
-    """``data.path`` must name a built-in corpus, an existing local file/directory or ``hf:NAME``."""
+    """``data.path`` must name a built-in corpus, an existing local file/directory, ``hf:NAME`` or ``megatron:...``."""
     from lctrain.data.corpus import resolve_path
 
+    if path.startswith("megatron:"):  # Megatron indexed datasets: prefixes (and blend weights) checked on disk
+        from lctrain.data.megatron import parse_megatron_path
+
+        parse_megatron_path(path)  # raises ConfigError naming the missing .idx / .bin
+        return
     try:
         resolve_path(path)
     except (FileNotFoundError, ValueError) as e:
@@ -476,7 +502,31 @@ def validate(cfg: RunConfig) -> None:
                  f"{[d for d in range(1, m.moe.num_experts + 1) if m.moe.num_experts % d == 0]}")
         _require(p.dp_impl == "ddp", "parallel.dp_impl", p.dp_impl,
                  f"parallel.ep_degree={p.ep_degree} needs parallel.dp_impl=ddp (expert weights are excluded from DDP "
-                 f"and reduced over their expert-data-parallel group); FSDP with EP is not supported yet")
+                 f"and reduced over their expert-data-parallel group); "
+                 + ("DeepSpeed ZeRO would partition and average the expert shards as if they were replicated, so "
+                    "EP with parallel.dp_impl=deepspeed is refused" if p.dp_impl == "deepspeed"
+                    else "FSDP with EP is not supported yet"))
+    _validate_deepspeed(p)
+
+
+def _validate_deepspeed(p: ParallelConfig) -> None:
+    """The ``parallel.zero_*`` / ``offload_*`` keys (used by ``parallel.dp_impl=deepspeed`` only)."""
+    _require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", p.zero_stage, "allowed values are 1, 2, 3")
+    for key in ("zero_reduce_bucket_size", "zero_allgather_bucket_size", "zero_prefetch_bucket_size"):
+        _require(getattr(p, key) >= 1, f"parallel.{key}", getattr(p, key), "must be a positive number of elements")
+    _require(p.zero_param_persistence_threshold >= 0, "parallel.zero_param_persistence_threshold",
+             p.zero_param_persistence_threshold, "must be >= 0 (elements)")
+    if p.dp_impl != "deepspeed":
+        for key in ("offload_optimizer", "offload_params"):
+            _require(not getattr(p, key), f"parallel.{key}", getattr(p, key),
+                     f"CPU offload is a DeepSpeed ZeRO feature: set parallel.dp_impl=deepspeed (now {p.dp_impl})")
+        return
+    _require(not p.offload_params or p.zero_stage == 3, "parallel.offload_params", p.offload_params,
+             f"parameter offload needs parallel.zero_stage=3 (now {p.zero_stage}); with stages 1-2 use "
+             f"parallel.offload_optimizer=true")
+    _require(p.cp_degree == 1, "parallel.cp_degree", p.cp_degree,
+             "context parallelism is not supported with parallel.dp_impl=deepspeed yet; use parallel.dp_impl=ddp "
+             "or fsdp with parallel.cp_degree > 1")
 
 
 def to_dict(cfg: RunConfig) -> dict:

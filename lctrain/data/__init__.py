@@ -9,7 +9,9 @@
 
 Modules: :mod:`~lctrain.data.corpus` (loading, split), :mod:`~lctrain.data.tokenizer`
 (SentencePiece BPE), :mod:`~lctrain.data.packing` (EOS-joined stream, windows, ``cu_seqlens``),
-:mod:`~lctrain.data.sampler` (deterministic data-parallel global batches).
+:mod:`~lctrain.data.sampler` (deterministic data-parallel global batches),
+:mod:`~lctrain.data.megatron` (``data.path=megatron:PREFIX``: Megatron ``.bin``/``.idx`` files,
+memory-mapped, the same windows without re-tokenising; blends with weights).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 
 from lctrain.errors import ConfigError
 
-from lctrain.data.corpus import default_cache_dir, load_documents, split_documents
+from lctrain.data.corpus import default_cache_dir, load_documents, parse_filter, split_documents
 from lctrain.data.packing import IGNORE_INDEX, PackedDataset, collate_packed, load_or_pack, stream_dtype
 from lctrain.data.sampler import DistributedBatchSampler
 from lctrain.data.tokenizer import Tokenizer, check_vocab, load_tokenizer, train_tokenizer
@@ -56,8 +58,10 @@ def build_data(
 ) -> tuple[Tokenizer, PackedDataset, PackedDataset]:
     """Load the corpus, split it, get the tokenizer and the packed train / validation datasets.
 
-    Steps: :func:`load_documents` (``data_cfg.path``, ``text_key``, ``split``) ->
-    :func:`split_documents` (``val_fraction``, ``seed``) -> :func:`load_tokenizer` (trained on the
+    Steps: :func:`load_documents` (``data_cfg.path``, ``text_key``, ``split``, ``filter``) ->
+    :func:`split_documents` (``val_fraction``, ``seed``; with a ``filter``, each of its ``|``
+    alternatives is split on its own and the parts concatenated, so a run on ``A|B`` holds out
+    exactly the documents the runs on ``A`` and on ``B`` hold out) -> :func:`load_tokenizer` (trained on the
     training documents only when ``data_cfg.tokenizer == 'auto'``) -> :func:`check_vocab` ->
     token streams cached as ``.npy`` -> :class:`PackedDataset` windows of ``seq_len``.
     Everything derived is cached in ``cache_dir`` keyed by content, so a second call (any rank,
@@ -89,9 +93,23 @@ def build_data(
             text key, vocab mismatch), or a training split too short for one window of ``seq_len``.
     """
     t0 = time.perf_counter()
+    if str(data_cfg.path).startswith("synthetic:"):  # generated examples (lctrain.eval.synthetic), no corpus
+        from lctrain.eval.synthetic import build_synthetic_data
+
+        return build_synthetic_data(data_cfg.path, seq_len, vocab_size, seed=getattr(data_cfg, "seed", 0))
+    if str(data_cfg.path).startswith("megatron:"):  # Megatron .bin/.idx, memory-mapped (lctrain.data.megatron)
+        from lctrain.data.megatron import build_megatron_data
+
+        return build_megatron_data(data_cfg, seq_len, vocab_size, rank=rank)
     cache = Path(cache_dir or getattr(data_cfg, "cache_dir", "") or default_cache_dir())
-    docs = load_documents(data_cfg.path, data_cfg.text_key, data_cfg.split, cache_dir=cache)
-    train_docs, val_docs = split_documents(docs, data_cfg.val_fraction, data_cfg.seed)
+    doc_filter = str(getattr(data_cfg, "filter", "") or "")
+    train_docs, val_docs = [], []
+    for alt in range(len(parse_filter(doc_filter))) if doc_filter.strip() else [None]:
+        docs = load_documents(data_cfg.path, data_cfg.text_key, data_cfg.split, cache_dir=cache,
+                              doc_filter=doc_filter, filter_alternative=alt)
+        part_train, part_val = split_documents(docs, data_cfg.val_fraction, data_cfg.seed)
+        train_docs += part_train
+        val_docs += part_val
     tokenizer = load_tokenizer(data_cfg.tokenizer, train_docs, vocab_size, cache)
     check_vocab(tokenizer, vocab_size)
 

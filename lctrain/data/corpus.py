@@ -13,6 +13,20 @@ A corpus is a list of documents (strings). ``data.path`` may name:
 
 Documents keep the order of the files and of the rows inside them, so the corpus (and every
 fingerprint derived from it) is deterministic.
+
+Document filter (``data.filter``, :func:`parse_filter`): rows of JSON / parquet / hub data are
+kept by their metadata fields (the built-in corpus has ``title``, ``author``, ``source``)::
+
+    filter      := alternative ("|" alternative)*     a document kept by any alternative
+    alternative := clause (";" clause)*               every clause must hold
+    clause      := FIELD "=" VALUE                    field equals VALUE exactly
+                 | FIELD "!=" VALUE                   field differs from VALUE
+                 | FIELD "~" TEXT                     field contains TEXT (case-insensitive)
+                 | FIELD "!~" TEXT                    field does not contain TEXT
+
+e.g. ``author=William Shakespeare``, ``author~King James``, ``author=John Milton;title!~Poemata``.
+Spaces around names and values are stripped; values cannot hold ``|`` or ``;``. A document
+belongs to its first matching alternative (see ``filter_alternative`` of :func:`load_documents`).
 """
 
 from __future__ import annotations
@@ -20,8 +34,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import random
+from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+from lctrain.errors import ConfigError
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 BUILTIN_CORPORA: dict[str, Path] = {"pd_english": BUILTIN_DIR / "pd_english.jsonl.gz"}
@@ -102,7 +120,7 @@ def _column(ds, text_key: str, source: str) -> list[str]:
     return values
 
 
-def _load_files(files: list[Path], text_key: str, cache_dir: Path) -> list[str]:
+def _load_files(files: list[Path], text_key: str, cache_dir: Path, select: _RowFilter | None = None) -> list[str]:
     import datasets
 
     docs: list[str] = []
@@ -129,11 +147,13 @@ def _load_files(files: list[Path], text_key: str, cache_dir: Path) -> list[str]:
                 )
             except Exception as e:  # pyarrow / json parse errors: say which files
                 raise ValueError(f"cannot read {source} with the datasets '{builder}' builder: {e}") from e
+        if select is not None:
+            ds = select(ds, source)
         docs += _column(ds, "text" if builder == "text" else text_key, source)
     return docs
 
 
-def _load_hub(name: str, text_key: str, split: str, cache_dir: Path) -> list[str]:
+def _load_hub(name: str, text_key: str, split: str, cache_dir: Path, select: _RowFilter | None = None) -> list[str]:
     import datasets
 
     repo, _, config = name.partition(":")
@@ -145,7 +165,8 @@ def _load_hub(name: str, text_key: str, split: str, cache_dir: Path) -> list[str
         raise ValueError(
             f"hub dataset '{repo}' has no split '{split}'; splits found: {', '.join(ds)}. Set data.split."
         )
-    return _column(ds[split], text_key, f"hub dataset '{repo}' split '{split}'")
+    source = f"hub dataset '{repo}' split '{split}'"
+    return _column(ds[split] if select is None else select(ds[split], source), text_key, source)
 
 
 def resolve_path(path: str) -> Path | str:
@@ -157,6 +178,11 @@ def resolve_path(path: str) -> Path | str:
         ValueError: an existing file whose extension no builder reads.
     """
     if path.startswith("hf:"):
+        return path
+    if path.startswith("synthetic:"):  # generated token data, read by build_data (lctrain.eval.synthetic)
+        from lctrain.eval.synthetic import parse_synthetic
+
+        parse_synthetic(path)  # raises ConfigError (a ValueError) naming the bad key
         return path
     if path in BUILTIN_CORPORA:
         builtin = BUILTIN_CORPORA[path]
@@ -176,6 +202,8 @@ def load_documents(
     text_key: str = "text",
     split: str = "train",
     cache_dir: str | Path | None = None,
+    doc_filter: str = "",
+    filter_alternative: int | None = None,
 ) -> list[str]:
     """Load a corpus as a list of non-empty documents, in a deterministic order.
 
@@ -188,6 +216,9 @@ def load_documents(
             validation split is cut from it with :func:`split_documents`), hub datasets may have more.
         cache_dir: lctrain data cache; ``datasets`` keeps its Arrow cache in
             ``<cache_dir>/hf_datasets`` (default :func:`default_cache_dir`), never in ``~/.cache/huggingface``.
+        doc_filter: ``data.filter`` expression (module docstring); empty keeps every document.
+        filter_alternative: keep only the documents whose first matching alternative of
+            ``doc_filter`` has this index (None: any alternative).
 
     Returns:
         Documents as Python strings, empty and whitespace-only documents (and nulls) removed.
@@ -198,12 +229,17 @@ def load_documents(
         ValueError: unsupported extension, a directory without corpus files, a split other than
             ``train`` for local data, ``text_key`` missing (the columns found are named), a
             non-string text column, or no non-empty document at all.
+        ConfigError: a malformed ``doc_filter``, a filter field that is not a column, or a
+            filter that keeps no non-empty document (the message lists the values found).
     """
+    select = _RowFilter(parse_filter(doc_filter), filter_alternative) if doc_filter.strip() else None
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     hf_cache = cache / "hf_datasets"
     resolved = resolve_path(path)
+    if isinstance(resolved, str) and resolved.startswith("synthetic:"):
+        raise ValueError(f"'{path}' is generated token data, not documents: lctrain.data.build_data reads it")
     if isinstance(resolved, str):
-        docs = _load_hub(resolved[len("hf:"):], text_key, split, hf_cache)
+        docs = _load_hub(resolved[len("hf:"):], text_key, split, hf_cache, select)
     else:
         if split != "train":
             raise ValueError(
@@ -218,11 +254,115 @@ def load_documents(
                 )
         else:
             files = [resolved]
-        docs = _load_files(files, text_key, hf_cache)
+        docs = _load_files(files, text_key, hf_cache, select)
     docs = [d for d in docs if d is not None and d.strip()]
+    if not docs and select is not None:
+        which = "" if filter_alternative is None else f" (alternative {filter_alternative}: {select.alternative_text})"
+        raise ConfigError(
+            f"data.filter={doc_filter!r}{which} selects no (non-empty) document of '{path}': {select.describe()}. "
+            f"{FILTER_SYNTAX}"
+        )
     if not docs:
         raise ValueError(f"corpus '{path}' is empty: no non-empty document under '{text_key}'")
     return docs
+
+
+FILTER_SYNTAX = (
+    "data.filter syntax: alternatives separated by '|', each clauses separated by ';' that must all hold: "
+    "FIELD=VALUE (equal), FIELD!=VALUE, FIELD~TEXT (contains, case-insensitive), FIELD!~TEXT; "
+    "e.g. 'author=William Shakespeare' or 'author~King James|title~Paradise'"
+)
+_FILTER_OPS = ("!=", "!~", "=", "~")
+
+
+@dataclass(frozen=True)
+class FilterClause:
+    """One ``FIELD op VALUE`` test of ``data.filter`` (``op`` in ``=``, ``!=``, ``~``, ``!~``)."""
+
+    field: str
+    op: str
+    value: str
+
+    def matches(self, value: object) -> bool:
+        """Whether a document whose ``field`` holds ``value`` (None counts as ``""``) passes."""
+        text = "" if value is None else str(value)
+        if self.op == "=":
+            return text == self.value
+        if self.op == "!=":
+            return text != self.value
+        found = self.value.lower() in text.lower()
+        return found if self.op == "~" else not found
+
+
+def parse_filter(spec: str) -> list[list[FilterClause]]:
+    """Parse a ``data.filter`` expression into alternatives (lists of clauses that must all hold).
+
+    Each clause splits at its leftmost operator, so values may contain ``=`` or ``~``.
+
+    Raises:
+        ConfigError: an empty expression, alternative or clause, or a clause without an operator
+            or a field name; the message quotes the clause and the syntax.
+    """
+    if not spec.strip():
+        raise ConfigError(f"data.filter is empty. {FILTER_SYNTAX}")
+    alternatives = []
+    for alt in spec.split("|"):
+        clauses = []
+        for raw in alt.split(";"):
+            raw = raw.strip()
+            hits = [(raw.find(op), op) for op in _FILTER_OPS if raw.find(op) > 0]
+            if not hits:
+                raise ConfigError(f"data.filter={spec!r}: clause {raw!r} has no FIELD before an operator. {FILTER_SYNTAX}")
+            pos, op = min(hits, key=lambda h: (h[0], -len(h[1])))
+            clauses.append(FilterClause(raw[:pos].strip(), op, raw[pos + len(op):].strip()))
+        alternatives.append(clauses)
+    return alternatives
+
+
+class _RowFilter:
+    """Applies parsed alternatives to ``datasets`` tables and remembers what it saw (for messages)."""
+
+    def __init__(self, alternatives: list[list[FilterClause]], only: int | None = None):
+        if only is not None and not 0 <= only < len(alternatives):
+            raise ValueError(f"filter_alternative={only} outside the {len(alternatives)} alternatives of the filter")
+        self.alternatives, self.only = alternatives, only
+        self.fields = sorted({c.field for alt in alternatives for c in alt})
+        self.rows = 0
+        self.seen: dict[str, Counter] = {f: Counter() for f in self.fields}
+
+    @property
+    def alternative_text(self) -> str:
+        alt = self.alternatives[self.only if self.only is not None else 0]
+        return ";".join(f"{c.field}{c.op}{c.value}" for c in alt)
+
+    def __call__(self, ds, source: str):
+        missing = [f for f in self.fields if f not in ds.column_names]
+        if missing:
+            raise ConfigError(
+                f"data.filter uses the field(s) {', '.join(missing)}, which {source} does not have; columns found: "
+                f"{', '.join(ds.column_names)}"
+            )
+        table = ds.with_format("arrow")
+        values = {f: table[f].to_pylist() for f in self.fields}
+        keep = []
+        for i in range(len(ds)):
+            row = {f: values[f][i] for f in self.fields}
+            first = next((a for a, alt in enumerate(self.alternatives) if all(c.matches(row[c.field]) for c in alt)), None)
+            if first is not None and (self.only is None or first == self.only):
+                keep.append(i)
+        self.rows += len(ds)
+        for f in self.fields:
+            self.seen[f].update("" if v is None else str(v) for v in values[f])
+        return ds.select(keep)
+
+    def describe(self, max_values: int = 8) -> str:
+        parts = [f"{self.rows} documents read"]
+        for f, counts in self.seen.items():
+            common = counts.most_common()
+            shown = ", ".join(f"{v!r} ({n})" for v, n in common[:max_values])
+            more = f", ... {len(common) - max_values} more" if len(common) > max_values else ""
+            parts.append(f"field '{f}' holds {shown}{more}")
+        return "; ".join(parts)
 
 
 def corpus_fingerprint(docs: Sequence[str]) -> str:

@@ -82,7 +82,7 @@ class DistributedBatchSampler:
         self.shuffle = bool(shuffle)
         self.epoch = 0
         self.position = 0  # next position in the current epoch's order
-        self._order: list[int] | None = None
+        self._order: torch.Tensor | None = None
         self._order_epoch = -1
 
     @property
@@ -95,15 +95,19 @@ class DistributedBatchSampler:
         """Micro-batches per rank per step, ``global_batch_size / (micro_batch_size * dp_size)``."""
         return self.global_batch_size // (self.micro_batch_size * self.dp_size)
 
-    def epoch_order(self, epoch: int) -> list[int]:
-        """The sample order of ``epoch`` (identical on every rank)."""
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The sample order of ``epoch`` (identical on every rank): int64 [num_samples].
+
+        Kept as a tensor (8 bytes a window, not a Python list of ints) so a corpus of billions
+        of tokens costs little host memory; only each step's slice becomes Python ints.
+        """
         if not self.shuffle:
-            return list(range(self.num_samples))
+            return torch.arange(self.num_samples)
         g = torch.Generator()
         g.manual_seed(self.seed + epoch)
-        return torch.randperm(self.num_samples, generator=g).tolist()
+        return torch.randperm(self.num_samples, generator=g)
 
-    def _current_order(self) -> list[int]:
+    def _current_order(self) -> torch.Tensor:
         if self._order_epoch != self.epoch:
             self._order = self.epoch_order(self.epoch)
             self._order_epoch = self.epoch
@@ -120,7 +124,7 @@ class DistributedBatchSampler:
             self.epoch += 1
             self.position = 0
         order = self._current_order()
-        batch = order[self.position:self.position + self.global_batch_size]
+        batch = order[self.position:self.position + self.global_batch_size].tolist()
         self.position += self.global_batch_size
         per_rank = self.global_batch_size // self.dp_size
         mine = batch[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]

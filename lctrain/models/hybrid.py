@@ -64,12 +64,15 @@ class HybridBlock(nn.Module):
     :class:`lctrain.layers.moe.MoE` in the blocks chosen by ``model.moe.layers`` when
     ``model.moe.num_experts > 0``).
 
-    ``forward(x [B,T,D], position_ids [B,T] int, cu_seqlens int32 [N+1] | None) -> [B,T,D]``.
+    ``forward(x [B,T,D], position_ids [B,T] int, cu_seqlens int32 [N+1] | None) -> [B,T,D]``:
+    ``x + mixer(mixer_norm(x)); + ffn(ffn_norm(.))`` in sequence, or with ``model.parallel_block``
+    ``x + mixer(mixer_norm(x)) + ffn(ffn_norm(x))`` (both branches read the block input).
     """
 
     def __init__(self, kind: str, cfg, layer_idx: int = 0):
         super().__init__()
         self.kind = kind
+        self.parallel_block = bool(getattr(cfg, "parallel_block", False))
         d = cfg.d_model
         spec = get_mixer(kind)
         self.mixer_norm = RMSNorm(d, cfg.norm_eps)
@@ -91,6 +94,8 @@ class HybridBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if self.parallel_block:
+            return x + self.mixer(self.mixer_norm(x), position_ids, cu_seqlens) + self.ffn(self.ffn_norm(x))
         x = x + self.mixer(self.mixer_norm(x), position_ids, cu_seqlens)
         return x + self.ffn(self.ffn_norm(x))
 

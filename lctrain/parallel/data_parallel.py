@@ -15,7 +15,15 @@ talks to a :class:`DataParallel` only:
 * :meth:`~DataParallel.state_dict` / :meth:`~DataParallel.load_state_dict` for checkpoints
   (parameter-name keys without wrapper prefixes, expert weights as global DTensors).
 
-A DeepSpeed engine would be one more subclass.
+Hooks for backends that own more of the step (DeepSpeed's engine, :mod:`lctrain.parallel.deepspeed`);
+the defaults below are what DDP and FSDP do:
+
+* :meth:`~DataParallel.attach_optimizer` once the optimizer exists (returns the model to call);
+* :meth:`~DataParallel.backward` on the scaled loss (default ``loss.backward()``);
+* :meth:`~DataParallel.step` after the last micro-step: clip, optimizer step, zero the gradients;
+* :meth:`~DataParallel.zero_grad` to drop the gradients of a skipped (non-finite) step;
+* ``checkpoint_engine`` (``"dcp"``: state through :meth:`state_dict`; anything else: the backend
+  writes its own files with :meth:`save_engine_state` / :meth:`load_engine_state`).
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from lctrain.parallel import expert as expert_parallel
 
-DP_IMPLS = ("ddp", "fsdp")
+DP_IMPLS = ("ddp", "fsdp", "deepspeed")
 
 
 def model_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
@@ -70,6 +78,8 @@ class DataParallel:
             number of ranks over which replicated gradients are averaged (1 here).
     """
 
+    checkpoint_engine = "dcp"  # how lctrain.train.checkpoint stores model + optimizer (see the module docstring)
+
     def __init__(self, loss_scale: float = 1.0):
         self.loss_scale = float(loss_scale)
         self.model: nn.Module | None = None
@@ -89,6 +99,41 @@ class DataParallel:
 
     def finish_backward(self) -> None:
         """Called once after the last micro-step of an optimizer step (nothing to do here)."""
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> nn.Module:
+        """Called once with the optimizer built over the wrapped model's parameters; returns the model to call.
+
+        DDP and FSDP return the model of :meth:`wrap` unchanged (a DeepSpeed backend builds its
+        engine here, since the engine takes model and optimizer together).
+        """
+        return self.model
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of a (scaled, see :meth:`scale_loss`) micro-batch loss: ``loss.backward()``."""
+        loss.backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+        """The optimizer step after the last micro-step: clip (:meth:`clip_grad_norm_`), step, zero the gradients.
+
+        Returns:
+            The global gradient L2 norm before clipping.
+        """
+        norm = self.clip_grad_norm_(max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop the accumulated gradients without stepping (a skipped, non-finite step)."""
+        optimizer.zero_grad(set_to_none=True)
+
+    def save_engine_state(self, directory) -> None:
+        """Write model and optimizer state into ``directory`` (backends whose ``checkpoint_engine != "dcp"``)."""
+        raise NotImplementedError(f"{type(self).__name__} checkpoints through DCP (state_dict)")
+
+    def load_engine_state(self, directory) -> None:
+        """Inverse of :meth:`save_engine_state` (backends whose ``checkpoint_engine != "dcp"``)."""
+        raise NotImplementedError(f"{type(self).__name__} checkpoints through DCP (load_state_dict)")
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Clip all gradients by their global L2 norm (``max_norm <= 0``: no clipping); returns the norm."""
@@ -189,17 +234,25 @@ class FSDPDataParallel(DataParallel):
 
 
 def build_data_parallel(dp_impl: str, mesh: DeviceMesh | None, device: torch.device, loss_scale: float,
-                        param_dtype: torch.dtype | None = None) -> DataParallel:
+                        param_dtype: torch.dtype | None = None, run_cfg=None) -> DataParallel:
     """The backend for ``parallel.dp_impl`` over the gradient-averaging ``mesh`` (None: one process).
 
     ``param_dtype``: the compute dtype of FSDP's mixed-precision policy (see :class:`FSDPDataParallel`);
-    DDP keeps fp32 parameters and autocast casts per op.
+    DDP keeps fp32 parameters and autocast casts per op. ``run_cfg``: the
+    :class:`~lctrain.config.RunConfig`, needed by ``deepspeed`` (its engine config is generated
+    from it; one process included, the engine then runs on a one-rank group).
 
     Raises:
-        ValueError: unknown ``dp_impl``.
+        ValueError: unknown ``dp_impl``, or ``deepspeed`` without ``run_cfg``.
     """
     if dp_impl not in DP_IMPLS:
         raise ValueError(f"parallel.dp_impl={dp_impl!r}: allowed values are {', '.join(DP_IMPLS)}")
+    if dp_impl == "deepspeed":
+        if run_cfg is None:
+            raise ValueError("parallel.dp_impl=deepspeed needs run_cfg (the RunConfig its engine config is built from)")
+        from lctrain.parallel.deepspeed import DeepSpeedDataParallel
+
+        return DeepSpeedDataParallel(run_cfg, device, loss_scale)
     if mesh is None:
         return DataParallel(loss_scale)
     if dp_impl == "ddp":
@@ -208,5 +261,7 @@ def build_data_parallel(dp_impl: str, mesh: DeviceMesh | None, device: torch.dev
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The underlying module of a DDP wrapper (FSDP2 modules are their own module)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The underlying module of a DDP wrapper or a DeepSpeed engine (FSDP2 modules are their own module)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
+        return model.module
+    return model

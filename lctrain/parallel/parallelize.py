@@ -14,7 +14,9 @@ Order (each step sees the result of the previous one, as torchtitan's ``parallel
    as torchtitan compiles per block before FSDP wraps it.
 4. **Data parallelism**: the :class:`~lctrain.parallel.data_parallel.DataParallel` backend for
    ``parallel.dp_impl`` wraps the model, averaging replicated gradients over ``dp x cp`` ranks
-   (FSDP with bf16 training: bf16 all-gathered parameters, fp32 gradient reduction).
+   (FSDP with bf16 training: bf16 all-gathered parameters, fp32 gradient reduction). DeepSpeed
+   ZeRO (``deepspeed``) builds its engine later, when the trainer hands it the optimizer
+   (:meth:`~lctrain.parallel.data_parallel.DataParallel.attach_optimizer`).
 
 The model code never imports any of this.
 """
@@ -114,5 +116,5 @@ def parallelize(model: nn.Module, dims: ParallelDims, meshes: Meshes, cfg, env: 
     t = cfg.train
     bf16 = t.dtype == "bf16" or (t.dtype == "auto" and env.device.type == "cuda")
     dp = build_data_parallel(p.dp_impl, meshes.grad_mesh(), env.device, dims.grad_average_degree,
-                             param_dtype=torch.bfloat16 if bf16 else None)
+                             param_dtype=torch.bfloat16 if bf16 else None, run_cfg=cfg)
     return Parallelized(dp.wrap(model), dp, cp, ep)

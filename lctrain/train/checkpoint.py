@@ -5,7 +5,12 @@ Layout of one checkpoint ``<ckpt_root>/step_00000100/``::
     .metadata, __<rank>_<i>.distcp   model + optimizer tensors, written by DCP (each rank its shards)
     rng_rank<r>.pt                   RNG states of rank r (torch CPU, CUDA, python, numpy)
     trainer_state.json               the caller's ``extra_state`` (step, sampler, scheduler, ...)
-    COMPLETE                         JSON {"step", "world_size", "format"}; written last
+    COMPLETE                         JSON {"step", "world_size", "format", "engine"}; written last
+
+``engine`` is ``dcp`` (the files above) unless the data-parallel backend writes model and
+optimizer itself (``dp.checkpoint_engine``): DeepSpeed ZeRO puts its own checkpoint in a
+``deepspeed/`` subdirectory instead of the DCP files (:mod:`lctrain.parallel.deepspeed`); RNG,
+trainer state, the marker, the temporary directory and the rename are the same for both.
 
 A save writes into ``step_XXXXXXXX.tmp`` and rank 0 renames it to ``step_XXXXXXXX`` only after
 every rank has finished and ``COMPLETE`` is on disk, then fsyncs the parent directory. A crash at
@@ -220,6 +225,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     extra_state: dict,
     keep_last: int,
+    dp=None,
 ) -> Path:
     """Save model, optimizer, per-rank RNG and ``extra_state`` to ``ckpt_root/step_{step:08d}``.
 
@@ -240,6 +246,9 @@ def save_checkpoint(
         extra_state: JSON-serialisable dict (scheduler / sampler state, losses, config ...); rank
             0's copy is written.
         keep_last: how many complete checkpoints to keep, >= 1.
+        dp: the :class:`~lctrain.parallel.data_parallel.DataParallel` backend, or None. When its
+            ``checkpoint_engine`` is not ``dcp`` (DeepSpeed), ``dp.save_engine_state(tmp)`` writes
+            model and optimizer instead of DCP (collective as well).
 
     Returns:
         Path of the published checkpoint directory.
@@ -276,8 +285,12 @@ def save_checkpoint(
 
     _on_rank0(prepare, f"preparing {tmp}")
 
-    with _quiet_single_process():
-        dcp.save(model_optim_state(model, optimizer), checkpoint_id=str(tmp), no_dist=not _dist_on())
+    engine = getattr(dp, "checkpoint_engine", "dcp") if dp is not None else "dcp"
+    if engine == "dcp":
+        with _quiet_single_process():
+            dcp.save(model_optim_state(model, optimizer), checkpoint_id=str(tmp), no_dist=not _dist_on())
+    else:
+        dp.save_engine_state(tmp)
     error = None
     try:
         _write_rng_state(tmp, rank)
@@ -287,7 +300,7 @@ def save_checkpoint(
 
     def finish() -> None:
         _write_bytes(tmp / TRAINER_STATE, state_json.encode())
-        marker = {"step": step, "world_size": world, "format": FORMAT_VERSION, "time": time.time()}
+        marker = {"step": step, "world_size": world, "format": FORMAT_VERSION, "engine": engine, "time": time.time()}
         _write_bytes(tmp / COMPLETE_MARKER, json.dumps(marker).encode())
         _fsync_dir(tmp)
         _publish(tmp, final)
@@ -297,12 +310,24 @@ def save_checkpoint(
     return final
 
 
+def _marker_engine(path: Path) -> str:
+    """``engine`` of a checkpoint's ``COMPLETE`` marker (``dcp`` when absent, unreadable, or an older format)."""
+    try:
+        return str(json.loads((path / COMPLETE_MARKER).read_text()).get("engine", "dcp"))
+    except (OSError, ValueError, AttributeError):
+        return "dcp"
+
+
 def _check_checkpoint_dir(path: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     if not path.is_dir():
         raise ValueError(f"{path} is not a checkpoint: it is a file, expected a step_XXXXXXXX directory")
-    missing = [n for n in (COMPLETE_MARKER, DCP_METADATA, TRAINER_STATE) if not (path / n).is_file()]
+    engine = _marker_engine(path)
+    required = (COMPLETE_MARKER, DCP_METADATA, TRAINER_STATE) if engine == "dcp" else (COMPLETE_MARKER, TRAINER_STATE)
+    missing = [n for n in required if not (path / n).is_file()]
+    if engine != "dcp" and not (path / engine).is_dir():
+        missing.append(f"{engine}/")
     if COMPLETE_MARKER in missing:
         hint = (
             " (an interrupted save: use find_latest_checkpoint to pick the newest complete one)"
@@ -320,7 +345,7 @@ def _check_checkpoint_dir(path: Path) -> dict:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None, dp=None
 ) -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` into ``model`` / ``optimizer`` in place.
 
@@ -339,6 +364,10 @@ def load_checkpoint(
         path: a checkpoint directory (e.g. from :func:`find_latest_checkpoint`).
         model: module to load into (same architecture as saved).
         optimizer: optimizer to load into, or None to load the model only.
+        dp: the data-parallel backend, or None. A checkpoint whose marker names another engine
+            (DeepSpeed) is loaded by ``dp.load_engine_state(path)`` when ``dp`` has that engine;
+            without such a backend and with ``optimizer=None``, its weights are consolidated to a
+            plain state dict and loaded into ``model`` (evaluation, export).
 
     Returns:
         The ``extra_state`` dict saved with the checkpoint (parsed ``trainer_state.json``).
@@ -346,6 +375,8 @@ def load_checkpoint(
     Raises:
         FileNotFoundError: ``path`` does not exist, or it has no RNG file for rank 0.
         ValueError: ``path`` is not a complete checkpoint; the message names the missing files.
+        ConfigError: the checkpoint's engine differs from ``dp``'s and cannot be converted here
+            (resuming a DeepSpeed checkpoint under DDP/FSDP with an optimizer, or the reverse).
     """
     path = Path(path)
     marker = _check_checkpoint_dir(path)
@@ -362,13 +393,32 @@ def load_checkpoint(
         )
         rng_file = fallback
 
+    engine = str(marker.get("engine", "dcp"))
+    mine = getattr(dp, "checkpoint_engine", "dcp") if dp is not None else "dcp"
+    if engine != mine and not (engine == "deepspeed" and optimizer is None):
+        from lctrain.errors import ConfigError
+
+        raise ConfigError(
+            f"checkpoint {path} was written by the {engine!r} checkpoint engine (parallel.dp_impl="
+            f"{'deepspeed' if engine == 'deepspeed' else 'ddp or fsdp'}) but this run uses {mine!r}; resume it with "
+            f"the same parallel.dp_impl, or convert a DeepSpeed checkpoint to plain weights with "
+            f"lctrain.parallel.deepspeed.consolidate_checkpoint (weights only, no optimizer state)"
+        )
     if optimizer is not None:
         # get_state_dict only materialises the (lazy) AdamW state of a fresh optimizer when no
         # gradient is set; with stale gradients the optimizer state would silently stay empty.
         optimizer.zero_grad(set_to_none=True)
-    state = model_optim_state(model, optimizer)
-    with _quiet_single_process():
-        dcp.load(state, checkpoint_id=str(path), no_dist=not _dist_on())
-    load_model_optim_state(model, optimizer, state)
+    if engine == mine == "dcp":
+        state = model_optim_state(model, optimizer)
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path), no_dist=not _dist_on())
+        load_model_optim_state(model, optimizer, state)
+    elif engine == mine:
+        dp.load_engine_state(path)
+    else:  # a DeepSpeed checkpoint into a plain module (weights only): consolidated from the ZeRO shards
+        from lctrain.parallel.deepspeed import consolidate_checkpoint
+
+        target = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        target.load_state_dict(consolidate_checkpoint(path), strict=True)
     _set_rng_state(torch.load(rng_file, weights_only=True))
     return json.loads((path / TRAINER_STATE).read_text())

@@ -169,6 +169,7 @@ class Trainer:
         """AdamW, the LR schedule and the data-parallel batch sampler."""
         t = self.cfg.train
         self.optimizer = build_optimizer(self.model, self.cfg.optim, self.device.type)
+        self.model = self.dp.attach_optimizer(self.optimizer)  # DeepSpeed: its engine; DDP/FSDP: unchanged
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, t.max_steps)
         self.sampler = DistributedBatchSampler(
             len(self.train_set), t.global_batch_size, t.micro_batch_size, self.dp_rank, self.dims.dp, seed=t.seed
@@ -182,7 +183,7 @@ class Trainer:
         path = find_latest_checkpoint(self.ckpt_root) if resume == "auto" else Path(resume)
         if path is None:
             return
-        extra = load_checkpoint(path, self.model, self.optimizer)
+        extra = load_checkpoint(path, self.model, self.optimizer, dp=self.dp)
         self.scheduler.load_state_dict(extra["scheduler"])
         self.sampler.load_state_dict(extra["sampler"])
         s = extra["train_state"]
@@ -209,7 +210,7 @@ class Trainer:
             "world_size": self.env.world_size,
         }
         return save_checkpoint(
-            self.ckpt_root, self.state.step, self.model, self.optimizer, extra, self.cfg.train.keep_last
+            self.ckpt_root, self.state.step, self.model, self.optimizer, extra, self.cfg.train.keep_last, dp=self.dp
         )
 
     # ------------------------------------------------------------------ compute
@@ -252,7 +253,7 @@ class Trainer:
         for i, batch in enumerate(micro):
             with self.dp.no_sync(enabled=i < len(micro) - 1):
                 ls = self.forward_loss_sum(batch)
-                self.dp.scale_loss(ls, global_tokens).backward()
+                self.dp.backward(self.dp.scale_loss(ls, global_tokens))
             loss_sum += float(ls.detach())
         self.dp.finish_backward()
         (total,) = _all_reduce_sum([loss_sum], self.device)
@@ -266,11 +267,9 @@ class Trainer:
         """
         loss = self.forward_backward(self.next_micro_batches())
         if not math.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
+            self.dp.zero_grad(self.optimizer)
             return loss, float("nan")
-        grad_norm = self.dp.clip_grad_norm_(self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.dp.step(self.optimizer, self.cfg.optim.grad_clip)  # clip, step, zero the gradients
         self.scheduler.step()
         if self.has_routing:  # loads all-reduced over every rank; expert biases updated after the step
             self.routing_last = routing_step(self.model)
@@ -300,7 +299,14 @@ class Trainer:
         return total / max(total_count, 1.0)
 
     def _evaluate_and_log(self, step: int, logger: MetricsLogger) -> None:
-        """Validation loss at ``step``: recorded in the history and logged (no-op without validation data)."""
+        """Validation loss at ``step``: recorded in the history and logged (no-op without validation data).
+
+        Also runs the ``train.eval_tasks`` (:func:`lctrain.eval.run.run_training_eval`), logged as ``<task>/<key>``.
+        """
+        if self.cfg.train.eval_tasks:
+            from lctrain.eval.run import run_training_eval
+
+            logger.log_eval(step, run_training_eval(self, step))
         if len(self.val_set) == 0:
             return
         val = self.evaluate()

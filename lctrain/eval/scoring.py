@@ -1,0 +1,131 @@
+"""Scorers: logits at chosen positions, teacher-forced answer checks, greedy-generation string match.
+
+A *model* here is anything callable as ``model(input_ids int64 [B, T]) -> logits [B, T, V]``: a
+:class:`lctrain.models.HybridLM` (then only the needed rows go through the LM head), a wrapped one
+(DDP / FSDP: the full forward is called, so every rank can run the same evaluation), or a test
+double.
+
+Teacher-forced scoring (``mode="forced"``, the default): the prompt and the expected answer are
+fed in one forward pass and an answer token counts as correct when it is the argmax of the logits
+before it. An item (a key, a value, a variable name) is recalled when all its tokens are. This
+equals exact-match scoring of *greedy generation* for a single-item answer (greedy decoding emits
+the answer exactly when each of its tokens is the argmax after the previous correct ones), and
+for a multi-item answer it scores each item given the correct earlier ones.
+
+Generation scoring (``mode="generate"``, RULER's ``string_match_all``): greedy decoding with
+:func:`lctrain.generate.generate` from the prompt, then the fraction of expected strings found in
+the decoded text. It needs the unwrapped model (decode states).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from lctrain.eval.haystack import RecallExample
+
+MODES = ("forced", "generate")
+
+
+def _is_plain_hybrid(model) -> bool:
+    from lctrain.models import HybridLM
+
+    return type(model) is HybridLM  # FSDP2 swaps the class; DDP wraps it: both use the full forward
+
+
+@torch.no_grad()
+def logits_at(model, input_ids: torch.Tensor, rows: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Logits at chosen positions of each sequence.
+
+    Args:
+        model: see the module docstring.
+        input_ids: int64 [B, T].
+        rows: for each of the B sequences, the positions wanted.
+
+    Returns:
+        B fp32 tensors ``[len(rows[b]), V]`` (on the model's device).
+    """
+    if _is_plain_hybrid(model):
+        h = model.hidden_states(input_ids)
+        return [model.lm_head(h[b, list(r)]).float() for b, r in enumerate(rows)]
+    logits = model(input_ids)
+    return [logits[b, list(r)].float() for b, r in enumerate(rows)]
+
+
+def _device_of(model, default: torch.device | str = "cpu") -> torch.device:
+    if isinstance(model, nn.Module):
+        for p in model.parameters():
+            return p.device
+    return torch.device(default)
+
+
+def _batches(order: list[int], size: int):
+    for s in range(0, len(order), size):
+        yield order[s:s + size]
+
+
+@torch.no_grad()
+def score_forced(model, examples: Sequence[RecallExample], batch_size: int = 4,
+                 pad_id: int = 0) -> list[float]:
+    """Teacher-forced recall score of each example: the fraction of its items whose tokens are all argmax-correct.
+
+    Sequences of a batch are right-padded with ``pad_id`` (causal: padding never reaches the
+    scored positions); examples are batched by length.
+
+    Returns:
+        A score in [0, 1] per example, in the input order.
+    """
+    device = _device_of(model)
+    scores = [0.0] * len(examples)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt) + len(examples[i].answer))
+    for idx in _batches(order, max(1, batch_size)):
+        seqs = [examples[i].prompt + examples[i].answer for i in idx]
+        T = max(map(len, seqs))
+        ids = torch.full((len(seqs), T), pad_id, dtype=torch.int64)
+        for b, s in enumerate(seqs):
+            ids[b, :len(s)] = torch.tensor(s, dtype=torch.int64)
+        rows = [range(len(examples[i].prompt) - 1, len(examples[i].prompt) - 1 + len(examples[i].answer)) for i in idx]
+        out = logits_at(model, ids.to(device), rows)
+        for b, i in enumerate(idx):
+            ex = examples[i]
+            ok = (out[b].argmax(-1).cpu() == torch.tensor(ex.answer)).tolist()
+            items = sorted({g for g in ex.groups if g >= 0})
+            hit = [all(c for c, g in zip(ok, ex.groups, strict=True) if g == item) for item in items]
+            scores[i] = sum(hit) / len(items) if items else 0.0
+    return scores
+
+
+@torch.no_grad()
+def score_generate(model: nn.Module, tokenizer, examples: Sequence[RecallExample], batch_size: int = 4,
+                   extra_tokens: int = 4) -> tuple[list[float], list[str]]:
+    """Greedy-generation score of each example: the fraction of ``expected`` strings in the decoded output.
+
+    Examples of equal prompt length are decoded together, ``len(answer) + extra_tokens`` new
+    tokens each (stopping early at EOS).
+
+    Returns:
+        ``(scores, outputs)``: per example a score in [0, 1] and the generated text.
+
+    Raises:
+        NotImplementedError: a mixer without decode rules (see :mod:`lctrain.generate`).
+    """
+    from lctrain.generate import generate
+
+    device = _device_of(model)
+    scores, texts = [0.0] * len(examples), [""] * len(examples)
+    by_len: dict[int, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_len.setdefault(len(ex.prompt), []).append(i)
+    for _, members in sorted(by_len.items()):
+        for idx in _batches(members, max(1, batch_size)):
+            ids = torch.tensor([examples[i].prompt for i in idx], dtype=torch.int64, device=device)
+            new = max(len(examples[i].answer) for i in idx) + extra_tokens
+            out = generate(model, ids, new, temperature=0.0, eos_id=getattr(tokenizer, "eos_id", None))
+            for b, i in enumerate(idx):
+                text = tokenizer.decode(out[b, ids.shape[1]:].tolist())
+                texts[i] = text
+                exp = examples[i].expected
+                scores[i] = sum(e in text for e in exp) / len(exp) if exp else 0.0
+    return scores, texts

@@ -1,0 +1,13 @@
+"""BAM / BTX upcycling: dense seeds trained on different domains -> one mixture-of-experts model.
+
+* :mod:`lctrain.upcycle.config`: the ``upcycle`` recipe section (imported by :mod:`lctrain.config`).
+* :mod:`lctrain.upcycle.mix`: the upcycled model config and the state-dict mixing (pure tensors).
+* :mod:`lctrain.upcycle.checkpoints`: reading seed weights, writing the step-0 checkpoint.
+* :mod:`lctrain.upcycle.pipeline`: the stages run by ``launch/upcycle.py``.
+
+Only the config names are imported eagerly (``lctrain.config`` imports this package).
+"""
+
+from lctrain.upcycle.config import STAGES, VARIANTS, BranchConfig, UpcycleConfig, variant_dir_name
+
+__all__ = ["STAGES", "VARIANTS", "BranchConfig", "UpcycleConfig", "variant_dir_name"]
