@@ -137,8 +137,8 @@ class ParallelConfig:
     ulysses_degree: int = 1
     ep_degree: int = 1
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
-    # DeepSpeed ZeRO (dp_impl=deepspeed only; lctrain.parallel.deepspeed generates the DeepSpeed config from these
-    # keys and train.* / optim.*, see docs/deepspeed_megatron.md). Bucket sizes and thresholds count elements.
+    # DeepSpeed ZeRO (dp_impl=deepspeed only; the parallel package's deepspeed module generates the DeepSpeed
+    # config from these keys and train.* / optim.*, see docs/deepspeed_megatron.md). Sizes count elements.
     zero_stage: int = 2  # 1 (optimizer states partitioned) | 2 (+ gradients) | 3 (+ parameters)
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer states and fp32 master weights on CPU
     offload_params: bool = False  # parameters on CPU between uses (zero_stage=3 only)
