@@ -26,28 +26,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from lctrain.kernels.moba import moba_attn_func, moba_selected_fraction
 
-
-def _bench_cpu(fn, reps=3) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2] * 1e3
-
-
-def _bench_cuda(fn) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attention import _bench_cpu, _bench_cuda, _fwd_bwd  # the shared timing helpers
 
 
 def _saved_bytes(run, inputs) -> int:
@@ -63,25 +51,6 @@ def _saved_bytes(run, inputs) -> int:
         out = run(*inputs)
     del out
     return sum(seen.values())
-
-
-def _fwd_bwd(bench, run, inputs):
-    """(fwd ms, fwd+bwd ms, bwd ms) for ``run(*inputs) -> tensor``."""
-    with torch.no_grad():
-        t_fwd = bench(lambda: run(*inputs))
-    grad = None
-
-    def step():
-        nonlocal grad
-        out = run(*inputs)
-        if grad is None:
-            grad = torch.randn_like(out)
-        torch.autograd.backward(out, grad)
-        for x in inputs:
-            x.grad = None
-
-    t_all = bench(step)
-    return t_fwd, t_all, max(t_all - t_fwd, 0.0)
 
 
 def _sdpa(q, k, v):

@@ -9,21 +9,23 @@ torchrun use ``torchrun --nproc_per_node=N -m lctrain.cli recipe=...`` or
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 
-def train_main(argv: list[str]) -> int:
-    """Run one training job from ``recipe=... key=value`` arguments; returns the exit code."""
-    from lctrain.config import ConfigError, load_config
+def run_with_exit_codes(run: Callable[[], object]) -> int:
+    """Call ``run()`` and map lctrain's errors to the launchers' exit codes (tearing the process group down).
 
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
+    0 done; 2 :class:`~lctrain.errors.ConfigError` (bad configuration or input, one ``error:`` line,
+    no traceback); 3 ``NonFiniteLossError``. Shared by ``lctrain-train`` / ``launch/train.py`` and
+    ``launch/upcycle.py``.
+    """
+    from lctrain.errors import ConfigError
+
     try:
-        cfg = load_config(argv)
-        from lctrain.train.trainer import NonFiniteLossError, train
+        from lctrain.train.trainer import NonFiniteLossError
 
         try:
-            train(cfg)
+            run()
         except NonFiniteLossError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 3
@@ -35,6 +37,21 @@ def train_main(argv: list[str]) -> int:
 
         destroy()
     return 0
+
+
+def train_main(argv: list[str]) -> int:
+    """Run one training job from ``recipe=... key=value`` arguments; returns the exit code."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    from lctrain.config import load_config
+
+    def run() -> None:
+        from lctrain.train.trainer import train
+
+        train(load_config(argv))
+
+    return run_with_exit_codes(run)
 
 
 def train() -> None:

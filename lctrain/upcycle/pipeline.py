@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -640,21 +639,7 @@ def upcycle_main(argv: list[str]) -> int:
         print("usage: [torchrun --nproc_per_node=N] launch/upcycle.py recipe=bam_hybrid_gdn_3to1 [scale=NAME] "
               "[upcycle.stage=branch|mix|train|all] [key=value ...]\n\n" + __doc__)
         return 0
-    from lctrain.parallel.mesh import destroy
+    from lctrain.cli import run_with_exit_codes
 
-    try:
-        cfg = load_upcycle_config(argv)
-        from lctrain.train.trainer import NonFiniteLossError
-
-        try:
-            run_pipeline(cfg, argv)
-        except NonFiniteLossError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            return 3
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        destroy()
-    return 0
+    return run_with_exit_codes(lambda: run_pipeline(load_upcycle_config(argv), argv))
 
