@@ -19,7 +19,18 @@ def check_cu_seqlens(
 ) -> int:
     """Validate the boundaries of a packed batch; return the number of sequences N.
 
-    This is the one ``cu_seqlens`` check of lctrain: kernels, layers and the model call it.
+    Same checks and errors as :func:`cu_seqlens_bounds`, which also returns the boundaries.
+    """
+    return len(cu_seqlens_bounds(cu_seqlens, total_len, batch_size)) - 1
+
+
+def cu_seqlens_bounds(
+    cu_seqlens: torch.Tensor, total_len: int | None = None, batch_size: int | None = None
+) -> list[int]:
+    """Validate the boundaries of a packed batch and return them as Python ints (one host read).
+
+    This is the one ``cu_seqlens`` check of lctrain: kernels, layers and the model call it (or
+    :func:`check_cu_seqlens`).
 
     Args:
         cu_seqlens: int32 (or int64) [N + 1], ``cu_seqlens[0] == 0``, non-decreasing; sequence
@@ -50,7 +61,7 @@ def check_cu_seqlens(
             f"cu_seqlens[-1]={bounds[-1]} must equal the packed length T={total_len} "
             f"(the batch is [1, T] with the documents laid end to end)"
         )
-    return len(bounds) - 1
+    return bounds
 
 
 def num_sequences(cu_seqlens: torch.Tensor | None, B: int, T: int) -> int:

@@ -27,7 +27,7 @@ import itertools
 
 import torch
 
-from lctrain.kernels.varlen import num_sequences
+from lctrain.kernels.varlen import cu_seqlens_bounds, num_sequences
 
 __all__ = ["check_moba_inputs", "moba_attn_naive", "moba_block_mask", "moba_selected_fraction"]
 
@@ -78,8 +78,7 @@ def check_moba_inputs(q, k, v, block_size, top_k, cu_seqlens=None) -> list[tuple
         if B != 1 or cu_seqlens.dim() != 1:
             raise ValueError(f"cu_seqlens must be [N + 1] with batch size 1, got B={B}")
         return None
-    num_sequences(cu_seqlens, B, T)  # raises ValueError on bad cu_seqlens
-    bounds = cu_seqlens.tolist()
+    bounds = cu_seqlens_bounds(cu_seqlens, T, B)  # raises ValueError on bad cu_seqlens
     return list(itertools.pairwise(bounds))
 
 

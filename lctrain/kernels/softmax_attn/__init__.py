@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from lctrain.kernels.dispatch import use_triton
 from lctrain.kernels.softmax_attn.block import attention_mask, block_attn_bwd, block_attn_fwd, merge_partial
-from lctrain.kernels.varlen import check_cu_seqlens
+from lctrain.kernels.varlen import cu_seqlens_bounds
 
 __all__ = ["attention_mask", "block_attn_bwd", "block_attn_fwd", "merge_partial", "softmax_attention"]
 
@@ -56,7 +56,7 @@ def softmax_attention(
 
     Raises:
         ValueError: shape mismatch, ``Hq % Hkv != 0``, or bad ``cu_seqlens`` (see
-            :func:`lctrain.kernels.varlen.check_cu_seqlens`).
+            :func:`lctrain.kernels.varlen.cu_seqlens_bounds`).
     """
     B, T, Hq, Dh = q.shape
     Hkv = k.shape[2]
@@ -67,8 +67,7 @@ def softmax_attention(
         )
     bounds = None
     if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, T, B)
-        bounds = cu_seqlens.tolist()
+        bounds = cu_seqlens_bounds(cu_seqlens, T, B)
     if use_triton(kernels, q, "softmax_attention"):
         from lctrain.kernels.flash_attn import flash_attn_func, flash_attn_varlen_func
 
