@@ -2,7 +2,9 @@
 
 Also runs as a single process (``python launch/train.py recipe=...``), and is the same as the
 installed ``lctrain-train`` script (:mod:`lctrain.cli`). Exit codes: 0 done, 2 bad
-configuration or input (the message names the key and the allowed values), 3 non-finite loss.
+configuration or input (the message names the key and the allowed values), 3 non-finite loss,
+4 stopped by SIGTERM/SIGUSR1 after saving a checkpoint, 5 a checkpoint could not be written,
+6 the launcher died.
 """
 
 from __future__ import annotations

@@ -3,7 +3,10 @@
 ``lctrain-train recipe=NAME [scale=NAME] [key=value ...]`` trains like ``launch/train.py``; under
 torchrun use ``torchrun --nproc_per_node=N -m lctrain.cli recipe=...`` or
 ``torchrun --nproc_per_node=N --no-python lctrain-train recipe=...``. Exit codes: 0 done,
-2 bad configuration or input (the message names the key and what is allowed), 3 non-finite loss.
+2 bad configuration or input (the message names the key and what is allowed; also: the run
+directory is locked by another job, or the checkpoint to resume is corrupt), 3 non-finite loss,
+4 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (restart to resume), 5 a checkpoint could
+not be written (the previous one is intact), 6 the launcher died (the rank exited with it).
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ def run_with_exit_codes(run: Callable[[], object]) -> int:
     """Call ``run()`` and map lctrain's errors to the launchers' exit codes (tearing the process group down).
 
     0 done; 2 :class:`~lctrain.errors.ConfigError` (bad configuration or input, one ``error:`` line,
-    no traceback); 3 ``NonFiniteLossError``. Shared by ``lctrain-train`` / ``launch/train.py`` and
-    ``launch/upcycle.py``.
+    no traceback); 3 ``NonFiniteLossError``; 4 ``TrainingStopped`` (signal, checkpoint saved);
+    5 ``CheckpointSaveError``; 6 is the parent watchdog's own exit (:mod:`lctrain.train.safety`).
+    Shared by ``lctrain-train`` / ``launch/train.py`` and ``launch/upcycle.py``.
     """
     from lctrain.errors import ConfigError
 
     try:
+        from lctrain.train.checkpoint import CheckpointSaveError
+        from lctrain.train.safety import EXIT_CHECKPOINT_FAILED, EXIT_PREEMPTED, TrainingStopped
         from lctrain.train.trainer import NonFiniteLossError
 
         try:
@@ -29,6 +35,12 @@ def run_with_exit_codes(run: Callable[[], object]) -> int:
         except NonFiniteLossError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 3
+        except TrainingStopped as e:
+            print(f"[lctrain] {e}", file=sys.stderr, flush=True)
+            return EXIT_PREEMPTED
+        except CheckpointSaveError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return EXIT_CHECKPOINT_FAILED
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

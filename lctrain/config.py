@@ -189,6 +189,14 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_last: int = 2
     resume: str = "auto"  # auto | none | <path to a checkpoint directory>
+    # crc32 of every checkpoint file in its COMPLETE marker, verified on resume (false: sizes only)
+    checkpoint_checksum: bool = True
+    # SIGTERM / SIGUSR1: every rank finishes the step, saves a checkpoint and exits with code 4
+    save_on_signal: bool = True
+    # under torchrun: a rank exits (code 6) when its launcher process dies, instead of training on
+    exit_with_parent: bool = True
+    # resume even though the corpus, tokenizer or packing differ from the checkpoint's (warning)
+    allow_data_change: bool = False
     eval_every: int = 50
     eval_batches: int = 4
     # names of lctrain.eval tasks run at each evaluation ("mqar", "passkey?lengths=256,512", ...)

@@ -16,6 +16,7 @@ memory-mapped, the same windows without re-tokenising; blends with weights).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ __all__ = [
     "build_data",
     "check_vocab",
     "collate_packed",
+    "data_fingerprint",
     "default_cache_dir",
     "load_documents",
     "load_tokenizer",
@@ -138,6 +140,40 @@ def build_data(
             len(val_ds), tokenizer.vocab_size, time.perf_counter() - t0,
         )
     return tokenizer, train_ds, val_ds
+
+
+def data_fingerprint(data_cfg: Any, tokenizer: Any, train_ds: Any, samples: int = 64) -> dict[str, Any]:
+    """What a checkpoint's sampler position depends on: the tokenizer, the packing and the windows.
+
+    Fields: ``tokenizer`` (the tokenizer's content hash), ``packing`` (``seq_len``, ``val_fraction``,
+    split ``seed``, ``filter``: the parameters that place documents into windows), ``num_windows``
+    and ``windows``: a 16-hex-digit hash of the token ids of ``samples`` evenly spaced training
+    windows (first and last included). A changed corpus changes every window after the first
+    changed document, so the sample catches it unless a document is replaced by one of the same
+    token count at a spot no sampled window covers. The corpus location (``data.path``) is not
+    part of it: a corpus moved to another directory resumes.
+
+    Args:
+        data_cfg: the run's :class:`~lctrain.config.DataConfig`.
+        tokenizer: the run's tokenizer (anything with a ``fingerprint`` string).
+        train_ds: the training dataset (``len`` and items with ``input_ids``).
+        samples: windows hashed, >= 2.
+
+    Returns:
+        A JSON-serialisable dict, equal for equal data.
+    """
+    n = len(train_ds)
+    h = hashlib.blake2b(str(n).encode(), digest_size=8)
+    if n:
+        for i in sorted({int(x) for x in np.linspace(0, n - 1, min(n, max(samples, 2))).round()}):
+            h.update(np.asarray(train_ds[i]["input_ids"], dtype=np.int64).tobytes())
+    return {
+        "tokenizer": str(getattr(tokenizer, "fingerprint", "")),
+        "packing": {"seq_len": int(data_cfg.seq_len), "val_fraction": float(data_cfg.val_fraction),
+                    "seed": int(data_cfg.seed), "filter": str(getattr(data_cfg, "filter", "") or "")},
+        "num_windows": n,
+        "windows": h.hexdigest(),
+    }
 
 
 def next_micro_batches(dataset: PackedDataset, sampler: DistributedBatchSampler) -> list[dict]:

@@ -5,12 +5,19 @@ Layout of one checkpoint ``<ckpt_root>/step_00000100/``::
     .metadata, __<rank>_<i>.distcp   model + optimizer tensors, written by DCP (each rank its shards)
     rng_rank<r>.pt                   RNG states of rank r (torch CPU, CUDA, python, numpy)
     trainer_state.json               the caller's ``extra_state`` (step, sampler, scheduler, ...)
-    COMPLETE                         JSON {"step", "world_size", "format", "engine"}; written last
+    COMPLETE                         JSON {"step", "world_size", "format", "engine", "files"}; written last
 
 ``engine`` is ``dcp`` (the files above) unless the data-parallel backend writes model and
 optimizer itself (``dp.checkpoint_engine``): DeepSpeed ZeRO puts its own checkpoint in a
 ``deepspeed/`` subdirectory instead of the DCP files (:mod:`lctrain.parallel.deepspeed`); RNG,
 trainer state, the marker, the temporary directory and the rename are the same for both.
+
+Integrity (format 2): ``COMPLETE["files"]`` maps every other file's path (relative, ``/``) to
+``[size_bytes, crc32]`` (``crc32`` is None when ``checksum=False``). The ranks share the hashing
+(round-robin over the sorted file list) when saving and when verifying
+(:func:`verify_checkpoint`); :func:`find_resumable_checkpoint` skips a checkpoint that fails,
+renaming it ``step_XXXXXXXX.corrupt`` (kept for inspection, never pruned). Markers of format 1
+(no ``files``) are checked for presence of the files only.
 
 A save writes into ``step_XXXXXXXX.tmp`` and rank 0 renames it to ``step_XXXXXXXX`` only after
 every rank has finished and ``COMPLETE`` is on disk, then fsyncs the parent directory. A crash at
@@ -38,6 +45,7 @@ import re
 import shutil
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -47,13 +55,36 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from lctrain.errors import ConfigError
 from lctrain.parallel.data_parallel import load_model_optim_state, model_optim_state
 
 COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
 DCP_METADATA = ".metadata"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+CORRUPT_SUFFIX = ".corrupt"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
+_CHUNK = 1 << 22
+
+
+class CheckpointCorruptError(ConfigError):
+    """A checkpoint fails verification: a file listed in its ``COMPLETE`` marker is missing, has
+    another size or checksum, or the marker is unreadable. The message names the file.
+
+    Attributes:
+        path: the checkpoint directory.
+    """
+
+    def __init__(self, path: Path, message: str):
+        super().__init__(message)
+        self.path = Path(path)
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written on some rank (disk full, permission denied, a rank failing).
+
+    Raised on every rank. The partial ``.tmp`` directory is removed; earlier checkpoints are untouched.
+    """
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -160,6 +191,154 @@ def _write_rng_state(directory: Path, rank: int) -> None:
         os.fsync(f.fileno())
 
 
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _listed_files(directory: Path) -> list[str]:
+    """Every regular file under ``directory`` except the marker, as sorted ``/``-separated relative paths."""
+    names = []
+    for p in directory.rglob("*"):
+        if p.is_file() and p.name != COMPLETE_MARKER:
+            names.append(p.relative_to(directory).as_posix())
+    return sorted(names)
+
+
+def _gather(value: Any) -> list[Any]:
+    if not _dist_on():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _file_table(directory: Path, checksum: bool) -> dict[str, list]:
+    """``{relative path: [size, crc32 or None]}`` of every file under ``directory`` (collective: ranks share the hashing)."""
+    rank, world = _rank_world()
+    names = _listed_files(directory)
+    mine, error = {}, None
+    try:
+        for i, name in enumerate(names):
+            if i % world == rank:
+                p = directory / name
+                mine[name] = [p.stat().st_size, _crc32(p) if checksum else None]
+    except OSError as e:
+        error = e
+    _agree(error, f"recording the files of {directory}")
+    table: dict[str, list] = {}
+    for part in _gather(mine):
+        table.update(part)
+    return table
+
+
+def _verify_files(path: Path, files: dict[str, list], checksum: bool) -> str | None:
+    """This rank's share of the verification of ``files``; the first problem found, or None."""
+    rank, world = _rank_world()
+    for i, (name, (size, crc)) in enumerate(sorted(files.items())):
+        p = path / name
+        try:
+            actual = p.stat().st_size
+        except FileNotFoundError:
+            return f"{p} is missing"
+        except OSError as e:
+            return f"{p} cannot be read ({e})"
+        if actual != size:
+            return f"{p} has {actual} bytes, {size} were written (truncated or overwritten)"
+        if checksum and crc is not None and i % world == rank:
+            try:
+                got = _crc32(p)
+            except OSError as e:
+                return f"{p} cannot be read ({e})"
+            if got != crc:
+                return f"{p} fails its checksum (crc32 {got:08x}, {crc:08x} was written): the file is corrupt"
+    return None
+
+
+def verify_checkpoint(path: str | os.PathLike, checksum: bool = True) -> dict:
+    """Check a checkpoint against its ``COMPLETE`` marker: every listed file present, same size, same crc32.
+
+    Collective with a process group (the ranks share the checksums; every rank gets the same
+    outcome). Format-1 markers (no file list) are checked for the required files only.
+
+    Args:
+        path: a checkpoint directory.
+        checksum: also compare crc32 checksums (reads every file once); False: sizes only.
+
+    Returns:
+        The parsed marker.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointCorruptError: on every rank, naming the first bad file.
+    """
+    path = Path(path)
+    problem = None
+    marker: dict = {}
+    try:
+        marker = _check_checkpoint_dir(path)
+        problem = _verify_files(path, marker.get("files") or {}, checksum)
+    except FileNotFoundError:
+        raise
+    except ValueError as e:
+        problem = str(e)
+    problems = [p for p in _gather(problem) if p is not None]
+    if problems:
+        raise CheckpointCorruptError(path, f"checkpoint {path} fails verification: {problems[0]}")
+    return marker
+
+
+def _quarantine(path: Path) -> Path:
+    target = path.with_name(path.name + CORRUPT_SUFFIX)
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}{CORRUPT_SUFFIX}{n}")
+        n += 1
+    os.rename(path, target)
+    return target
+
+
+def find_resumable_checkpoint(ckpt_root: str | os.PathLike, checksum: bool = True) -> Path | None:
+    """The newest checkpoint under ``ckpt_root`` that passes :func:`verify_checkpoint` (``train.resume=auto``).
+
+    Collective. A checkpoint that fails is renamed ``step_XXXXXXXX.corrupt`` by rank 0 (so it is
+    neither resumed nor pruned, and stays for inspection) with a warning naming the bad file, and
+    the next older one is tried.
+
+    Returns:
+        The checkpoint directory, or None when there is no checkpoint at all (a fresh run).
+
+    Raises:
+        CheckpointCorruptError: checkpoints exist but none verifies (also when only ``.corrupt``
+            ones are left from an earlier attempt): starting over silently would lose the run.
+    """
+    root = Path(ckpt_root)
+    rank, _ = _rank_world()
+    bad: list[str] = []
+    for _, path in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(path, checksum=checksum)
+            return path
+        except CheckpointCorruptError as e:
+            bad.append(str(e))
+            moved: list[Path] = []
+            _on_rank0(lambda: moved.append(_quarantine(path)), f"setting aside the corrupt checkpoint {path}")
+            if rank == 0:
+                warnings.warn(f"{e}; skipped (moved to {moved[0].name}), trying an older checkpoint", stacklevel=2)
+    corrupt = sorted(p.name for p in root.glob(f"step_*{CORRUPT_SUFFIX}*")) if root.is_dir() else []
+    if bad or corrupt:
+        raise CheckpointCorruptError(
+            root,
+            f"no checkpoint under {root} passes verification ({'; '.join(bad) or 'set aside earlier: ' + ', '.join(corrupt)}). "
+            f"To start this run over, move {root} away or set train.resume=none; to try one anyway, rename it back "
+            f"to step_XXXXXXXX and pass train.resume=<its path> with train.checkpoint_checksum=false",
+        )
+    return None
+
+
 def list_checkpoints(ckpt_root: str | os.PathLike) -> list[tuple[int, Path]]:
     """Complete checkpoints under ``ckpt_root`` as ``(step, path)``, oldest first.
 
@@ -226,13 +405,15 @@ def save_checkpoint(
     extra_state: dict,
     keep_last: int,
     dp=None,
+    checksum: bool = True,
 ) -> Path:
     """Save model, optimizer, per-rank RNG and ``extra_state`` to ``ckpt_root/step_{step:08d}``.
 
     Collective: with a process group, every rank calls it with the same ``ckpt_root`` and ``step``.
     Sequence: rank 0 clears a stale ``step_XXXXXXXX.tmp``; all ranks ``dcp.save`` their shards and
     write ``rng_rank<r>.pt`` into it; after all ranks are done, rank 0 writes
-    ``trainer_state.json`` and then ``COMPLETE``, fsyncs, renames the directory to its final name
+    ``trainer_state.json``; all ranks record the size and crc32 of every file (sharing the
+    hashing); rank 0 writes ``COMPLETE`` with that table, fsyncs, renames the directory to its final name
     (an existing checkpoint of the same step is replaced), fsyncs ``ckpt_root`` and deletes all but
     the newest ``keep_last`` complete checkpoints (never the one just written) and leftover
     ``.tmp`` directories. A failure on any rank raises on every rank.
@@ -249,6 +430,8 @@ def save_checkpoint(
         dp: the :class:`~lctrain.parallel.data_parallel.DataParallel` backend, or None. When its
             ``checkpoint_engine`` is not ``dcp`` (DeepSpeed), ``dp.save_engine_state(tmp)`` writes
             model and optimizer instead of DCP (collective as well).
+        checksum: record crc32 checksums of the files (``train.checkpoint_checksum``); sizes are
+            always recorded.
 
     Returns:
         Path of the published checkpoint directory.
@@ -256,7 +439,8 @@ def save_checkpoint(
     Raises:
         ValueError: ``step < 0``, ``keep_last < 1`` or ``extra_state`` is not a JSON-serialisable
             dict (checked before anything is written).
-        RuntimeError: another rank failed while saving.
+        CheckpointSaveError: on every rank, when any rank failed to write (disk full, permissions,
+            a rank's exception); the ``.tmp`` directory is removed and earlier checkpoints are untouched.
     """
     if step < 0:
         raise ValueError(f"step={step} must be >= 0")
@@ -276,6 +460,7 @@ def save_checkpoint(
     root = Path(ckpt_root)
     final = root / checkpoint_dir_name(step)
     tmp = root / (final.name + ".tmp")
+    engine = getattr(dp, "checkpoint_engine", "dcp") if dp is not None else "dcp"
 
     def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
@@ -283,30 +468,40 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
 
-    _on_rank0(prepare, f"preparing {tmp}")
-
-    engine = getattr(dp, "checkpoint_engine", "dcp") if dp is not None else "dcp"
-    if engine == "dcp":
-        with _quiet_single_process():
-            dcp.save(model_optim_state(model, optimizer), checkpoint_id=str(tmp), no_dist=not _dist_on())
-    else:
-        dp.save_engine_state(tmp)
-    error = None
-    try:
-        _write_rng_state(tmp, rank)
-    except BaseException as e:
-        error = e
-    _agree(error, f"writing RNG state into {tmp}")
-
-    def finish() -> None:
-        _write_bytes(tmp / TRAINER_STATE, state_json.encode())
-        marker = {"step": step, "world_size": world, "format": FORMAT_VERSION, "engine": engine, "time": time.time()}
+    def finish(files: dict[str, list]) -> None:
+        marker = {"step": step, "world_size": world, "format": FORMAT_VERSION, "engine": engine, "time": time.time(),
+                  "checksum": "crc32" if checksum else None, "files": files}
         _write_bytes(tmp / COMPLETE_MARKER, json.dumps(marker).encode())
         _fsync_dir(tmp)
         _publish(tmp, final)
         _prune(root, keep_last, final)
 
-    _on_rank0(finish, f"publishing checkpoint {final}")
+    try:
+        _on_rank0(prepare, f"preparing {tmp}")
+        if engine == "dcp":
+            with _quiet_single_process():
+                dcp.save(model_optim_state(model, optimizer), checkpoint_id=str(tmp), no_dist=not _dist_on())
+        else:
+            dp.save_engine_state(tmp)
+        error = None
+        try:
+            _write_rng_state(tmp, rank)
+        except BaseException as e:
+            error = e
+        _agree(error, f"writing RNG state into {tmp}")
+        _on_rank0(lambda: _write_bytes(tmp / TRAINER_STATE, state_json.encode()), f"writing {tmp / TRAINER_STATE}")
+        files = _file_table(tmp, checksum)
+        _on_rank0(lambda: finish(files), f"publishing checkpoint {final}")
+    except Exception as e:
+        if rank == 0 and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)  # frees the space a full disk needs back; never a complete one
+        previous = find_latest_checkpoint(root) if root.is_dir() else None
+        raise CheckpointSaveError(
+            f"saving checkpoint {final} failed: {type(e).__name__}: {e}. "
+            f"{'The previous checkpoint ' + str(previous) + ' is intact' if previous else 'No earlier checkpoint exists'}"
+            f" and nothing else was removed; fix the cause (free space, permissions on {root}) and restart with "
+            f"train.resume=auto"
+        ) from e
     return final
 
 
@@ -374,12 +569,13 @@ def load_checkpoint(
 
     Raises:
         FileNotFoundError: ``path`` does not exist, or it has no RNG file for rank 0.
-        ValueError: ``path`` is not a complete checkpoint; the message names the missing files.
+        CheckpointCorruptError: (a ValueError) ``path`` is not a complete checkpoint, or a file
+            its marker lists is missing or has another size; the message names the file.
         ConfigError: the checkpoint's engine differs from ``dp``'s and cannot be converted here
             (resuming a DeepSpeed checkpoint under DDP/FSDP with an optimizer, or the reverse).
     """
     path = Path(path)
-    marker = _check_checkpoint_dir(path)
+    marker = verify_checkpoint(path, checksum=False)  # files and sizes; resume checks crc32 before (trainer)
     rank, _ = _rank_world()
     rng_file = path / f"rng_rank{rank}.pt"
     if not rng_file.is_file():
@@ -396,8 +592,6 @@ def load_checkpoint(
     engine = str(marker.get("engine", "dcp"))
     mine = getattr(dp, "checkpoint_engine", "dcp") if dp is not None else "dcp"
     if engine != mine and not (engine == "deepspeed" and optimizer is None):
-        from lctrain.errors import ConfigError
-
         raise ConfigError(
             f"checkpoint {path} was written by the {engine!r} checkpoint engine (parallel.dp_impl="
             f"{'deepspeed' if engine == 'deepspeed' else 'ddp or fsdp'}) but this run uses {mine!r}; resume it with "

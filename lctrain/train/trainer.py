@@ -21,7 +21,9 @@ import json
 import math
 import os
 import random
+import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lctrain.config import ConfigError, RunConfig, check_mixers_context_parallel, to_dict, to_yaml
-from lctrain.data import IGNORE_INDEX, build_data, collate_packed, next_micro_batches
+from lctrain.data import IGNORE_INDEX, build_data, collate_packed, data_fingerprint, next_micro_batches
 from lctrain.data.sampler import DistributedBatchSampler
 from lctrain.data.tokenizer import check_vocab
 from lctrain.layers.routing import routed_layers, set_aux_loss_scale
@@ -39,7 +41,14 @@ from lctrain.models import HybridLM
 from lctrain.parallel import parallelize
 from lctrain.parallel.context import shard_batch
 from lctrain.parallel.mesh import DistEnv, barrier, init_distributed, resolve_dims
-from lctrain.train.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from lctrain.train.checkpoint import (
+    TRAINER_STATE,
+    find_latest_checkpoint,
+    find_resumable_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from lctrain.train.metrics import (
     MetricsLogger,
     RoutingHistory,
@@ -49,6 +58,13 @@ from lctrain.train.metrics import (
     write_summary,
 )
 from lctrain.train.optim import build_optimizer
+from lctrain.train.safety import (
+    RunLock,
+    StopSignals,
+    TrainingStopped,
+    launched_by_torchrun,
+    start_parent_watchdog,
+)
 from lctrain.train.schedule import build_scheduler
 
 
@@ -90,33 +106,92 @@ class Trainer:
     Args:
         cfg: a validated :class:`~lctrain.config.RunConfig`.
 
+    Run safety (:mod:`lctrain.train.safety`): rank 0 locks ``train.out_dir`` first; under torchrun a
+    watchdog ends the rank when its launcher dies; SIGTERM / SIGUSR1 stop training after a step
+    with a checkpoint. :meth:`fit` (or :meth:`close`) releases the lock.
+
     Raises:
-        ConfigError: the mesh does not match the world size, or the layout is impossible.
+        ConfigError: the mesh does not match the world size, or the layout is impossible; another
+            job holds ``train.out_dir`` (:class:`~lctrain.train.safety.LockHeldError`); the checkpoint
+            to resume fails verification (:class:`~lctrain.train.checkpoint.CheckpointCorruptError`)
+            or was trained on other data.
         ValueError: data problems (missing corpus, tokenizer/vocab mismatch).
-        NonFiniteLossError: the loss became NaN/Inf and ``train.nan_policy=stop``.
     """
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        self.lock: RunLock | None = None
+        self.stop_signals: StopSignals | None = None
+        self.saved_step = -1  # step of the last checkpoint this trainer wrote
         self._build_parallel_layout()
         self.out_dir = Path(cfg.train.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
+        self._take_run_directory()
+        try:
+            seed_everything(cfg.train.seed)
+            self._build_data()
+            seed_everything(cfg.train.seed)  # model init independent of how much randomness data prep used
+            self._build_model()
+            self._build_optimizer()
+            self.state = TrainState()
+            self.routing = RoutingHistory()
+            self.routing_last: dict | None = None
+            self.sparsity_last: dict | None = None
+            self.sparsity_history: list[float] = []
+            use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and self.device.type == "cuda")
+            self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+            self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+            self._maybe_resume()
+        except BaseException:
+            self.close()  # a job that fails to start leaves the directory to the next
+            raise
+
+    # ------------------------------------------------------------------ run safety
+    def _take_run_directory(self) -> None:
+        """Rank 0 locks ``train.out_dir`` (every rank raises if it cannot); watchdog and signal handlers.
+
+        See :mod:`lctrain.train.safety`. Runs before anything is written to the directory.
+        """
+        t = self.cfg.train
+        error = None
         if self.env.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        seed_everything(cfg.train.seed)
-        self._build_data()
-        seed_everything(cfg.train.seed)  # model init independent of how much randomness data prep used
-        self._build_model()
-        self._build_optimizer()
-        self.state = TrainState()
-        self.routing = RoutingHistory()
-        self.routing_last: dict | None = None
-        self.sparsity_last: dict | None = None
-        self.sparsity_history: list[float] = []
-        use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and self.device.type == "cuda")
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
-        self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
-        self._maybe_resume()
+            try:
+                self.lock = RunLock(self.out_dir)
+            except ConfigError as e:
+                error = str(e)
+        if dist.is_initialized():
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise ConfigError(error)
+        if t.exit_with_parent and launched_by_torchrun():
+            start_parent_watchdog(before_exit=self._release_lock)
+        if t.save_on_signal:
+            self.stop_signals = StopSignals()
+
+    def _release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def close(self) -> None:
+        """Release the run directory's lock and restore the signal handlers (idempotent; main thread)."""
+        self._release_lock()
+        if self.stop_signals is not None:
+            self.stop_signals.restore()
+            self.stop_signals = None
+
+    def _stop_requested(self) -> int | None:
+        """The signal any rank received since the last check (all ranks agree; one all-reduce), or None."""
+        if self.stop_signals is None:
+            return None
+        mine = self.stop_signals.requested or 0
+        if dist.is_initialized():
+            t = torch.tensor([mine], dtype=torch.int64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            mine = int(t.item())
+        return mine or None
 
     # ------------------------------------------------------------------ build steps
     def _build_parallel_layout(self) -> None:
@@ -153,6 +228,7 @@ class Trainer:
         if self.env.is_main:
             barrier()
         check_vocab(self.tokenizer, cfg.model.vocab_size)
+        self.data_fingerprint = data_fingerprint(cfg.data, self.tokenizer, self.train_set)
 
     def _build_model(self) -> None:
         """The single-device model, then :func:`lctrain.parallel.parallelize` from outside."""
@@ -177,15 +253,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _maybe_resume(self) -> None:
-        resume = self.cfg.train.resume
-        if resume == "none":
+        """``train.resume``: ``auto`` takes the newest checkpoint that verifies (skipping corrupt ones),
+        a path must verify; then the data fingerprints must match before anything is loaded."""
+        t = self.cfg.train
+        if t.resume == "none":
             return
-        path = find_latest_checkpoint(self.ckpt_root) if resume == "auto" else Path(resume)
+        if t.resume == "auto":
+            path = find_resumable_checkpoint(self.ckpt_root, checksum=t.checkpoint_checksum)
+        else:
+            path = Path(t.resume)
+            if not path.exists():
+                raise ConfigError(f"train.resume={t.resume}: no such checkpoint directory")
+            verify_checkpoint(path, checksum=t.checkpoint_checksum)  # CheckpointCorruptError names the file
         if path is None:
             return
+        self._check_data_identity(path, json.loads((path / TRAINER_STATE).read_text()).get("data"))
         extra = load_checkpoint(path, self.model, self.optimizer, dp=self.dp)
         self.scheduler.load_state_dict(extra["scheduler"])
-        self.sampler.load_state_dict(extra["sampler"])
+        saved_sampler = extra["sampler"]
+        if t.allow_data_change and int(saved_sampler.get("num_samples", self.sampler.num_samples)) != (
+                self.sampler.num_samples):  # another dataset size: a new epoch of the new data
+            saved_sampler = {**saved_sampler, "epoch": int(saved_sampler["epoch"]) + 1, "position": 0,
+                             "num_samples": self.sampler.num_samples}
+        self.sampler.load_state_dict(saved_sampler)
         s = extra["train_state"]
         self.state = TrainState(
             step=s["step"], tokens=s["tokens"], losses=list(s["losses"]),
@@ -195,6 +285,40 @@ class Trainer:
             self.routing.load_state_dict(extra["routing"])
         if self.env.is_main:
             print(f"[lctrain] resumed from {path} at step {self.state.step}", flush=True)
+
+    def _check_data_identity(self, path: Path, saved: dict | None) -> None:
+        """Refuse to resume on other data: the sampler position would point at other windows.
+
+        Raises:
+            ConfigError: the tokenizer, packing parameters or training windows differ from the
+                checkpoint's (:func:`lctrain.data.data_fingerprint`) and ``train.allow_data_change``
+                is false. Checkpoints written before fingerprints existed are not checked.
+        """
+        if saved is None:
+            return
+        now = self.data_fingerprint
+        diffs = []
+        if saved.get("tokenizer") != now["tokenizer"]:
+            diffs.append(f"the tokenizer (data.tokenizer; fingerprint {saved.get('tokenizer')} -> {now['tokenizer']})")
+        for key, value in now["packing"].items():
+            if saved.get("packing", {}).get(key) != value:
+                diffs.append(f"data.{key} ({saved.get('packing', {}).get(key)!r} -> {value!r})")
+        if not diffs and (saved.get("num_windows"), saved.get("windows")) != (now["num_windows"], now["windows"]):
+            diffs.append(f"the corpus (data.path: {saved.get('num_windows')} -> {now['num_windows']} training windows, "
+                         f"content hash {saved.get('windows')} -> {now['windows']})")
+        if not diffs:
+            return
+        what = "; ".join(diffs)
+        if self.cfg.train.allow_data_change:
+            if self.env.is_main:
+                warnings.warn(f"resuming {path} on other data ({what}) because train.allow_data_change=true",
+                              stacklevel=2)
+            return
+        raise ConfigError(
+            f"checkpoint {path} was trained on other data: {what} changed since. Its data-sampler position "
+            f"would point at other windows. Resume with the original data, start a new train.out_dir, or pass "
+            f"train.allow_data_change=true to continue on the new data (a new epoch when its size differs)"
+        )
 
     def save(self) -> Path:
         """Write a checkpoint of the current step (atomic; keeps the last ``train.keep_last``)."""
@@ -208,10 +332,14 @@ class Trainer:
             "routing": self.routing.state_dict(),
             "config": to_dict(self.cfg),
             "world_size": self.env.world_size,
+            "data": self.data_fingerprint,
         }
-        return save_checkpoint(
-            self.ckpt_root, self.state.step, self.model, self.optimizer, extra, self.cfg.train.keep_last, dp=self.dp
+        path = save_checkpoint(
+            self.ckpt_root, self.state.step, self.model, self.optimizer, extra, self.cfg.train.keep_last, dp=self.dp,
+            checksum=self.cfg.train.checkpoint_checksum,
         )
+        self.saved_step = self.state.step
+        return path
 
     # ------------------------------------------------------------------ compute
     def _to_device(self, batch: dict) -> dict:
@@ -318,8 +446,21 @@ class Trainer:
         """Train to ``train.max_steps``; returns the summary written to ``summary.json``.
 
         A run resumed at (or past) ``train.max_steps`` is complete: nothing is trained, evaluated
-        or written, and the existing ``summary.json`` is returned (when there is one).
+        or written, and the existing ``summary.json`` is returned (when there is one). The run
+        directory's lock is released when this returns or raises (:meth:`close`).
+
+        Raises:
+            TrainingStopped: SIGTERM / SIGUSR1 arrived (``train.save_on_signal``): every rank
+                finished the same step and the checkpoint of that step was saved.
+            NonFiniteLossError: see the class docstring.
+            CheckpointSaveError: a checkpoint could not be written; the previous one is intact.
         """
+        try:
+            return self._fit()
+        finally:
+            self.close()
+
+    def _fit(self) -> dict:
         t = self.cfg.train
         if self.state.step >= t.max_steps and (self.out_dir / "summary.json").exists():
             if self.env.is_main:
@@ -385,6 +526,15 @@ class Trainer:
                     self._evaluate_and_log(step, logger)
                 if t.checkpoint_every and step % t.checkpoint_every == 0 and step != t.max_steps:
                     last_ckpt = self.save()
+                signum = self._stop_requested() if step != t.max_steps else None
+                if signum is not None:
+                    if self.saved_step != step:
+                        last_ckpt = self.save()
+                    name = signal.Signals(signum).name
+                    raise TrainingStopped(
+                        f"stopped by {name} after step {step} of {t.max_steps}; checkpoint {last_ckpt} saved. "
+                        f"Restart the same command (train.resume=auto) to continue", signum, step, last_ckpt,
+                    )
             if not self.state.val_history or self.state.val_history[-1][0] != t.max_steps:
                 self._evaluate_and_log(self.state.step, logger)
             if t.checkpoint_every >= 0:

@@ -180,5 +180,5 @@ def write_init_checkpoint(cfg, state_dict: Mapping[str, torch.Tensor]) -> Path:
         model.load_state_dict({k: v.to(own[k].device) for k, v in state_dict.items()}, strict=True)
     _fresh_optimizer_state(trainer.optimizer)
     path = trainer.save()
-    del trainer
+    trainer.close()  # the run lock: the training job that follows takes it
     return path

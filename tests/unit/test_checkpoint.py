@@ -151,6 +151,10 @@ def test_load_with_stale_gradients_restores_optimizer_state(tmp_path):
     assert all(p.grad is None for p in other.parameters())
 
 
+class SimulatedKill(BaseException):
+    """Stands for the process dying mid-save (like SIGKILL: no cleanup code runs)."""
+
+
 def test_crash_before_marker_keeps_previous_checkpoint(tmp_path, monkeypatch):
     model, opt, sched = build(0)
     good = save_checkpoint(tmp_path, 2, model, opt, {"step": 2}, keep_last=3)
@@ -158,10 +162,10 @@ def test_crash_before_marker_keeps_previous_checkpoint(tmp_path, monkeypatch):
     train_steps(model, opt, sched, 2, [])
 
     def crash(*args, **kwargs):
-        raise RuntimeError("simulated crash after dcp.save")
+        raise SimulatedKill("simulated crash after dcp.save")
 
     monkeypatch.setattr(ckpt, "_write_rng_state", crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(SimulatedKill, match="simulated crash"):
         save_checkpoint(tmp_path, 4, model, opt, {"step": 4}, keep_last=3)
     monkeypatch.undo()
 
@@ -187,10 +191,10 @@ def test_crash_at_rename_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     def crash(tmp, final):
         assert tmp.name == "step_00000002.tmp" and final.name == "step_00000002"
-        raise OSError("simulated crash at rename")
+        raise SimulatedKill("simulated crash at rename")
 
     monkeypatch.setattr(ckpt, "_publish", crash)  # the step that renames tmp -> final
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(SimulatedKill, match="simulated crash"):
         save_checkpoint(tmp_path, 2, model, opt, {"step": 2}, keep_last=3)
     monkeypatch.undo()
     assert (tmp_path / "step_00000002.tmp" / "COMPLETE").exists()

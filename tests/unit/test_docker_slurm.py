@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -139,3 +141,33 @@ def test_entrypoint_help_prints_usage_not_script_lines():
     assert proc.returncode == 0 and lines[0] == "lctrain container entrypoint."
     assert any(line.startswith("  train ARGS") for line in lines)
     assert not any(line.startswith("#") or "set -euo" in line for line in lines), lines
+
+
+def test_sbatch_relays_time_limit_signal_and_requeues(tmp_path):
+    """USR1 before the time limit: the script sends TERM to srun (the ranks save and stop) and requeues."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        "#!/bin/bash\ntrap 'echo srun-got-TERM; exit 4' TERM\necho srun-started\n"
+        "for i in $(seq 600); do sleep 0.1; done\n"
+    )
+    (bin_dir / "scontrol").write_text(
+        "#!/bin/bash\nif [[ $1 == show ]]; then printf 'gpu-a17\\n'; else echo scontrol \"$@\"; fi\n"
+    )
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-a17", "SLURM_NNODES": "1",
+        "SLURM_JOB_ID": "4242", "SLURM_GPUS_ON_NODE": "1", "SLURM_SUBMIT_DIR": str(REPO),
+    }
+    log = tmp_path / "out.txt"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([BASH, str(SBATCH), "recipe=gdn"], stdout=f, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 30
+    while "srun-started" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    rc = proc.wait(timeout=30)
+    out = log.read_text()
+    assert rc == 4, out  # srun's (the ranks') exit status is the script's
+    assert "srun-got-TERM" in out and "scontrol requeue 4242" in out, out
