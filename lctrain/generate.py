@@ -6,7 +6,7 @@ time (*decode*), each layer carrying what it needs from the tokens already seen:
 =======================  ==================================================================  =====================
 mixer (letter)           decode state                                                        per-token cost
 =======================  ==================================================================  =====================
-Gated DeltaNet (G)       fp32 state ``S [B, H, K, V]`` + the last ``conv_size - 1``          O(H K V), constant
+Gated DeltaNet (G)       fp32 state ``S [B, HV, K, V]`` + the last ``conv_size - 1``         O(HV K V), constant
                          pre-convolution inputs of each of the q, k, v short convolutions
 Lightning (L)            fp32 state ``S [B, H, Dh, Dh]``                                     O(H Dh^2), constant
 softmax attention (A)    KV cache ``k, v [B, L, Hkv, Dh]`` (keys after RoPE)                 O(L)
@@ -202,36 +202,38 @@ def _conv_step(conv: nn.Module, x: torch.Tensor, cache: torch.Tensor, position: 
 
 
 def _gdn_init(m: GatedDeltaNet, batch: int, device, dtype) -> LinearState:
-    H, K, V, c = m.num_heads, m.head_dim, m.head_v_dim, m.conv_size - 1
+    H, HV, K, V, c = m.num_heads, m.num_value_heads, m.head_dim, m.head_v_dim, m.conv_size - 1
     return LinearState(
-        S=torch.zeros(batch, H, K, V, device=device, dtype=torch.float32),
+        S=torch.zeros(batch, HV, K, V, device=device, dtype=torch.float32),
         conv={"q": torch.zeros(batch, c, H * K, device=device, dtype=dtype),
               "k": torch.zeros(batch, c, H * K, device=device, dtype=dtype),
-              "v": torch.zeros(batch, c, H * V, device=device, dtype=dtype)},
+              "v": torch.zeros(batch, c, HV * V, device=device, dtype=dtype)},
     )
 
 
 def _gdn_step(m: GatedDeltaNet, x: torch.Tensor, st: LinearState, position: int) -> tuple[torch.Tensor, LinearState]:
     """Gated DeltaNet: convs continue their caches, then ``S <- exp(g) (I - b k k^T) S + b k v^T``, ``o = S^T q / sqrt(K)``."""
     B, t, _ = x.shape
-    H, K, V = m.num_heads, m.head_dim, m.head_v_dim
+    H, HV, K, V = m.num_heads, m.num_value_heads, m.head_dim, m.head_v_dim
     cq, ck, cv = st.conv["q"], st.conv["k"], st.conv["v"]
     q, cq = _conv_step(m.q_conv, m.q_proj(x), cq, position)
     k, ck = _conv_step(m.k_conv, m.k_proj(x), ck, position)
     v, cv = _conv_step(m.v_conv, m.v_proj(x), cv, position)
-    q, k, v = l2norm(q.view(B, t, H, K)), l2norm(k.view(B, t, H, K)), v.view(B, t, H, V)
+    q, k, v = l2norm(q.view(B, t, H, K)), l2norm(k.view(B, t, H, K)), v.view(B, t, HV, V)
     g, beta = m.gates(x)
     scale = K ** -0.5
     if t == 1:  # one recurrence step in fp32 (the naive reference's update)
         S = st.S * g[:, 0].exp()[..., None, None]
         kf, qf = k[:, 0].float(), q[:, 0].float() * scale
+        if HV != H:  # grouped value heads: value head j reads query/key head j // (HV / H)
+            kf, qf = kf.repeat_interleave(HV // H, dim=1), qf.repeat_interleave(HV // H, dim=1)
         err = v[:, 0].float() - torch.einsum("bhkv,bhk->bhv", S, kf)
         S = S + torch.einsum("bhk,bhv->bhkv", kf, err * beta[:, 0, :, None])
         o = torch.einsum("bhkv,bhk->bhv", S, qf)[:, None].to(v.dtype)
     else:  # a chunk: the layer's own kernel from the current state
         o, S = m.delta_rule_op.kernel(q)(q, k, v, g, beta, scale=scale, initial_state=st.S, output_final_state=True)
-    o = m.o_norm(o, m.g_proj(x).view(B, t, H, V))
-    return m.o_proj(o.reshape(B, t, H * V)), LinearState(S.float(), {"q": cq, "k": ck, "v": cv})
+    o = m.o_norm(o, m.g_proj(x).view(B, t, HV, V))
+    return m.o_proj(o.reshape(B, t, HV * V)), LinearState(S.float(), {"q": cq, "k": ck, "v": cv})
 
 
 def _lightning_init(m: LightningAttention, batch: int, device, dtype) -> LinearState:
@@ -326,13 +328,10 @@ def _attn_core(m: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 def _attention_step(m: Attention, x: torch.Tensor, cache: KVCache, position: int) -> tuple[torch.Tensor, KVCache]:
-    """Softmax attention (and MoBA, its subclass) with a KV cache."""
+    """Softmax attention (and MoBA, its subclass) with a KV cache (QK-norm and partial RoPE included)."""
     B, t, _ = x.shape
-    Hq, Hkv, Dh = m.num_heads, m.num_kv_heads, m.head_dim
-    q = m.q_proj(x).view(B, t, Hq, Dh)
-    k = m.k_proj(x).view(B, t, Hkv, Dh)
-    v = m.v_proj(x).view(B, t, Hkv, Dh)
-    q, k = m.rope(q, k, _positions(x, position))
+    Hq, Dh = m.num_heads, m.head_dim
+    q, k, v = m.project_qkv(x, _positions(x, position))
     o = _attn_core(m, q, k, v, cache, position)
     if m.g_proj is not None:
         o = o * torch.sigmoid(m.g_proj(x)).view(B, t, Hq, Dh)

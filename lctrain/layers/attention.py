@@ -4,7 +4,12 @@
   ``softmax(Q K^T / sqrt(Dh) + causal mask) V``.
 * Grouped-query attention (GQA): Ainslie et al. (2023); query head ``h`` reads key/value head
   ``h // (num_heads / num_kv_heads)``.
-* RoPE on q and k at explicit ``position_ids`` (:mod:`lctrain.layers.rope`).
+* RoPE on q and k at explicit ``position_ids`` (:mod:`lctrain.layers.rope`), optionally partial
+  (``partial_rotary_factor``: only the first ``int(Dh * factor)`` dims of each head rotate, as in
+  GPT-NeoX and Qwen3-Next).
+* QK-norm (``qk_norm``): a per-head RMSNorm over Dh on q and on k before RoPE, each with its own
+  learned [Dh] scale shared by the heads (Dehghani et al., "Scaling Vision Transformers to 22B
+  Parameters", 2023; as in Qwen3 / Qwen3-Next).
 * Output gate: Qiu et al., "Gated Attention for Large Language Models" (2025), the variant the
   paper finds best: a sigmoid gate after SDPA ("G1"), elementwise over each head's Dh dims and
   head-specific, computed from the layer input: ``o = SDPA(q, k, v) * sigmoid(x W_g)`` with
@@ -23,6 +28,7 @@ from lctrain.errors import ConfigError
 from lctrain.kernels.dispatch import check_kernels
 from lctrain.kernels.ops import SoftmaxAttentionOp
 from lctrain.kernels.softmax_attn import softmax_attention
+from lctrain.layers.norm import RMSNorm
 from lctrain.layers.rope import RotaryEmbedding, default_position_ids
 
 __all__ = ["Attention", "AttentionConfig", "softmax_attention"]
@@ -34,7 +40,9 @@ class AttentionConfig:
 
     ``num_heads`` query heads of ``head_dim`` each; ``num_kv_heads`` key/value heads (GQA, must
     divide ``num_heads``); ``rope_theta`` the RoPE base; ``output_gate`` the sigmoid output gate
-    of Gated Attention (Qiu et al. 2025, G1).
+    of Gated Attention (Qiu et al. 2025, G1); ``qk_norm`` a per-head RMSNorm on q and k before
+    RoPE; ``partial_rotary_factor`` the fraction of each head's dims that RoPE rotates (the first
+    ``int(head_dim * factor)``, which must be even; 1.0 rotates all).
     """
 
     num_heads: int = 4
@@ -42,6 +50,13 @@ class AttentionConfig:
     head_dim: int = 64
     rope_theta: float = 10000.0
     output_gate: bool = True
+    qk_norm: bool = False
+    partial_rotary_factor: float = 1.0
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates: ``int(head_dim * partial_rotary_factor)``."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def validate(self, prefix: str = "model.attn") -> None:
         """Raise :class:`~lctrain.errors.ConfigError` naming the bad key and what is allowed."""
@@ -56,6 +71,18 @@ class AttentionConfig:
             raise ConfigError(f"invalid {prefix}.head_dim={self.head_dim!r}: RoPE needs an even head_dim")
         if self.rope_theta <= 0:
             raise ConfigError(f"invalid {prefix}.rope_theta={self.rope_theta!r}: must be > 0")
+        if not 0.0 < self.partial_rotary_factor <= 1.0:
+            raise ConfigError(
+                f"invalid {prefix}.partial_rotary_factor={self.partial_rotary_factor!r}: must be in (0, 1] "
+                f"(1.0 rotates every dim of a head)"
+            )
+        R = self.rotary_dim
+        if R < 2 or R % 2:
+            raise ConfigError(
+                f"invalid {prefix}.partial_rotary_factor={self.partial_rotary_factor!r}: "
+                f"int({prefix}.head_dim * partial_rotary_factor) = {R} dims would rotate; RoPE needs an even "
+                f"number >= 2 (e.g. partial_rotary_factor=0.25 with head_dim a multiple of 8)"
+            )
 
     def check_context_parallel(
         self, *, cp_degree: int, cp_impl: str, ulysses_degree: int, seq_len: int, prefix: str = "model.attn"
@@ -85,8 +112,8 @@ class AttentionConfig:
 class Attention(nn.Module):
     """Causal multi-head softmax attention with GQA, RoPE and the Gated-Attention output gate.
 
-    ``x -> q = x Wq, k = x Wk, v = x Wv`` (no biases) ``-> RoPE(q, k) -> SDPA (causal, per
-    document) -> [* sigmoid(x Wg)] -> o_proj``.
+    ``x -> q = x Wq, k = x Wk, v = x Wv`` (no biases) ``-> [q, k = rmsnorm_head(q), rmsnorm_head(k)]
+    -> RoPE(q, k) -> SDPA (causal, per document) -> [* sigmoid(x Wg)] -> o_proj``.
 
     Args:
         d_model: D, model width.
@@ -96,12 +123,17 @@ class Attention(nn.Module):
         rope_theta: RoPE base.
         output_gate: add ``g_proj`` (D -> Hq*Dh) and multiply the attention output by its
             sigmoid elementwise (Qiu et al. 2025, G1 elementwise head-specific gate).
+        qk_norm: add ``q_norm`` / ``k_norm`` (:class:`RMSNorm` over Dh, scales [Dh]) applied to
+            each head of q and k before RoPE.
+        partial_rotary_factor: RoPE rotates the first ``int(Dh * factor)`` dims of each head.
+        norm_eps: eps of the q/k RMSNorms.
         kernels: ``"auto"`` | ``"torch"`` | ``"triton"``: the op's :func:`softmax_attention` with SDPA
             (torch), the Triton FlashAttention-2 kernel (triton), or Triton on CUDA and SDPA
             elsewhere (auto).
 
     Parameters: ``q_proj [Hq*Dh, D]``, ``k_proj``/``v_proj [Hkv*Dh, D]``, ``g_proj [Hq*Dh, D]``
-    (if gated), ``o_proj [D, Hq*Dh]`` (the residual-branch output projection).
+    (if gated), ``o_proj [D, Hq*Dh]`` (the residual-branch output projection), ``q_norm.weight``
+    / ``k_norm.weight [Dh]`` (if ``qk_norm``).
 
     ``forward(x [B,T,D], position_ids [B,T] int | None, cu_seqlens int32 [N+1] | None) -> [B,T,D]``.
     ``position_ids=None`` means positions within documents of ``cu_seqlens`` (or ``0..T-1``).
@@ -124,6 +156,9 @@ class Attention(nn.Module):
         rope_theta: float = 10000.0,
         output_gate: bool = True,
         kernels: str = "auto",
+        qk_norm: bool = False,
+        partial_rotary_factor: float = 1.0,
+        norm_eps: float = 1e-6,
     ):
         super().__init__()
         if min(d_model, num_heads, num_kv_heads, head_dim) < 1:
@@ -145,8 +180,26 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=False)
         self.g_proj = nn.Linear(d_model, num_heads * head_dim, bias=False) if output_gate else None
         self.o_proj = nn.Linear(num_heads * head_dim, d_model, bias=False)
-        self.rope = RotaryEmbedding(head_dim, rope_theta)
+        self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        self.rope = RotaryEmbedding(head_dim, rope_theta, rotary_dim=int(head_dim * partial_rotary_factor))
         self.attn_op = SoftmaxAttentionOp(kernels, causal=True)
+
+    def project_qkv(
+        self, x: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``q [B,T,Hq,Dh], k, v [B,T,Hkv,Dh]`` of ``x [B,T,D]``: projections, QK-norm (if on), RoPE.
+
+        Shared by :meth:`forward` and the cached decoding of :mod:`lctrain.generate`.
+        """
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(q, k, position_ids)
+        return q, k, v
 
     def forward(
         self,
@@ -159,10 +212,7 @@ class Attention(nn.Module):
             raise ValueError(f"Attention(d_model={self.d_model}) got x{tuple(x.shape)}")
         if position_ids is None:
             position_ids = default_position_ids(B, T, cu_seqlens, x.device)
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        q, k = self.rope(q, k, position_ids)
+        q, k, v = self.project_qkv(x, position_ids)
         o = self.attn_op(q, k, v, cu_seqlens)
         if self.g_proj is not None:
             o = o * torch.sigmoid(self.g_proj(x)).view(B, T, self.num_heads, self.head_dim)
@@ -171,15 +221,18 @@ class Attention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-            f"output_gate={self.g_proj is not None}, kernels={self.kernels!r}"
+            f"output_gate={self.g_proj is not None}, qk_norm={self.q_norm is not None}, "
+            f"rotary_dim={self.rope.rotary_dim}, kernels={self.kernels!r}"
         )
 
 
-def build_attention(cfg: AttentionConfig, d_model: int, *, kernels: str = "auto", **_) -> Attention:
+def build_attention(cfg: AttentionConfig, d_model: int, *, kernels: str = "auto", norm_eps: float = 1e-6,
+                    **_) -> Attention:
     """Registry builder: an :class:`Attention` layer from its ``model.attn`` section."""
     return Attention(
         d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rope_theta=cfg.rope_theta,
-        output_gate=cfg.output_gate, kernels=kernels,
+        output_gate=cfg.output_gate, kernels=kernels, qk_norm=cfg.qk_norm,
+        partial_rotary_factor=cfg.partial_rotary_factor, norm_eps=norm_eps,
     )
 
 
@@ -188,6 +241,6 @@ def attention_flops_per_token(cfg: AttentionConfig, seq_len: int) -> float:
 
     Forward ``2 * 2 * H * Dh * T/2`` (QK^T and PV over on average T/2 keys), times 3 for
     forward + backward. (Non-causal accountings, e.g. ``12 * H * Dh * T`` in the PaLM appendix,
-    count the masked half too.)
+    count the masked half too.) QK-norm and RoPE (partial or not) are elementwise, not counted.
     """
     return 6.0 * cfg.num_heads * cfg.head_dim * seq_len

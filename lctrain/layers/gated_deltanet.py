@@ -1,13 +1,17 @@
 """Gated DeltaNet token mixer (Yang, Kautz, Hatamizadeh, "Gated Delta Networks", ICLR 2025).
 
-Per head ``h`` with key dim K and value dim V = K * expand_v (Fig. 1 and eq. 10 of the paper,
-parameterised as in flash-linear-attention's ``GatedDeltaNet``):
+Per head ``h`` with key dim K and value dim V (``value_head_dim``, default K * expand_v) (Fig. 1
+and eq. 10 of the paper, parameterised as in flash-linear-attention's ``GatedDeltaNet``):
 
     q = l2norm(silu(conv(x Wq)))          k = l2norm(silu(conv(x Wk)))      v = silu(conv(x Wv))
-    beta = sigmoid(x Wb)                  [H], write strength in (0, 1)
-    g = -exp(A_log) * softplus(x Wa + dt_bias)   [H], log decay (< 0), Mamba-2 style
+    beta = sigmoid(x Wb)                  [HV], write strength in (0, 1)
+    g = -exp(A_log) * softplus(x Wa + dt_bias)   [HV], log decay (< 0), Mamba-2 style
     S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   o_t = S_t^T q_t / sqrt(K)
     y = o_proj( rmsnorm(o) * w * silu(x Wgate) )     (norm over each head's V dims)
+
+Grouped value heads (``num_value_heads`` HV, a multiple of the H query/key heads; Qwen3-Next has
+HV = 2H): each of the HV value heads has its own state, decay, write strength and output gate,
+and value head ``j`` reads query/key head ``j // (HV / H)`` (the kernels' grouped layout).
 
 ``conv`` is the depthwise causal short convolution of :mod:`lctrain.layers.conv` (kernel
 ``conv_size``), masked at document starts through ``position_ids``; the recurrence restarts at
@@ -36,9 +40,12 @@ from lctrain.layers.rope import default_position_ids
 class GatedDeltaNetConfig:
     """Section ``model.gdn``: Gated DeltaNet layers (letter ``G``).
 
-    ``num_heads`` heads with key dim ``head_dim`` and value dim ``head_dim * expand_v``;
-    ``conv_size`` taps of the short convolutions on q, k, v; ``chunk_size`` the chunk length of
-    the torch chunked kernel (the result does not depend on it; the Triton kernel uses 64).
+    ``num_heads`` query/key heads with key dim ``head_dim``; ``num_value_heads`` value heads (0:
+    ``num_heads``; else a multiple of it, each query/key head serving ``num_value_heads /
+    num_heads`` consecutive value heads); value dim ``value_head_dim`` per value head (0:
+    ``head_dim * expand_v``; set one of the two); ``conv_size`` taps of the short convolutions on
+    q, k, v; ``chunk_size`` the chunk length of the torch chunked kernel (the result does not
+    depend on it; the Triton kernel uses 64).
     """
 
     num_heads: int = 4
@@ -46,6 +53,18 @@ class GatedDeltaNetConfig:
     expand_v: float = 1.0
     conv_size: int = 4
     chunk_size: int = 64
+    num_value_heads: int = 0
+    value_head_dim: int = 0
+
+    @property
+    def value_heads(self) -> int:
+        """HV, the number of value heads (``num_value_heads``, or ``num_heads`` when 0)."""
+        return self.num_value_heads or self.num_heads
+
+    @property
+    def head_v_dim(self) -> int:
+        """V, the value dim per value head (``value_head_dim``, or ``head_dim * expand_v`` when 0)."""
+        return self.value_head_dim or int(self.head_dim * self.expand_v)
 
     def validate(self, prefix: str = "model.gdn") -> None:
         """Raise :class:`~lctrain.errors.ConfigError` naming the bad key and what is allowed."""
@@ -55,6 +74,20 @@ class GatedDeltaNetConfig:
         if self.expand_v <= 0 or not float(self.head_dim * self.expand_v).is_integer():
             raise ConfigError(
                 f"invalid {prefix}.expand_v={self.expand_v!r}: must be > 0 with {prefix}.head_dim * expand_v an integer"
+            )
+        for key in ("num_value_heads", "value_head_dim"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"invalid {prefix}.{key}={getattr(self, key)!r}: must be >= 0 (0 = the default)")
+        if self.num_value_heads % self.num_heads:
+            raise ConfigError(
+                f"invalid {prefix}.num_value_heads={self.num_value_heads!r}: must be 0 (= num_heads) or a multiple "
+                f"of {prefix}.num_heads={self.num_heads} (each query/key head serves num_value_heads / num_heads "
+                f"value heads)"
+            )
+        if self.value_head_dim and self.expand_v != 1.0:
+            raise ConfigError(
+                f"invalid {prefix}.value_head_dim={self.value_head_dim!r} with {prefix}.expand_v={self.expand_v!r}: "
+                f"set the value dim one way only (value_head_dim, or expand_v with value_head_dim=0)"
             )
 
     def check_context_parallel(
@@ -79,9 +112,10 @@ class GatedDeltaNet(nn.Module):
 
     Args:
         d_model: D, model width.
-        num_heads: H heads (``model.gdn.num_heads``).
+        num_heads: H query/key heads (``model.gdn.num_heads``).
         head_dim: K, the query/key dim per head (``model.gdn.head_dim``).
-        expand_v: value dim per head is ``V = head_dim * expand_v`` (must be an integer).
+        expand_v: value dim per head is ``V = head_dim * expand_v`` (must be an integer) unless
+            ``value_head_dim`` is given.
         conv_size: taps of the short convolutions on q, k, v.
         chunk_size: chunk length of the chunked kernel (kept for when the kernel takes it; the
             result does not depend on it).
@@ -90,11 +124,13 @@ class GatedDeltaNet(nn.Module):
             ``lctrain.kernels.gated_delta_rule.chunk_gated_delta_rule``, triton calls
             ``chunk_gated_delta_rule_triton`` (CUDA, or CPU under TRITON_INTERPRET=1), auto picks
             triton when x is on CUDA and triton imports, else torch.
+        num_value_heads: HV value heads (None or 0: H); a multiple of H.
+        value_head_dim: V per value head (None or 0: ``head_dim * expand_v``).
 
-    Parameters: ``q_proj``/``k_proj [H*K, D]``, ``v_proj``/``g_proj [H*V, D]``, ``a_proj``/
-    ``b_proj [H, D]``, ``q_conv``/``k_conv``/``v_conv`` (depthwise, ``[C, conv_size]``),
-    ``A_log [H]``, ``dt_bias [H]`` (both flagged ``_no_weight_decay``), ``o_norm.weight [V]``,
-    ``o_proj [D, H*V]`` (the residual-branch output projection).
+    Parameters: ``q_proj``/``k_proj [H*K, D]``, ``v_proj``/``g_proj [HV*V, D]``, ``a_proj``/
+    ``b_proj [HV, D]``, ``q_conv``/``k_conv [H*K, conv_size]``, ``v_conv [HV*V, conv_size]``
+    (depthwise), ``A_log [HV]``, ``dt_bias [HV]`` (both flagged ``_no_weight_decay``),
+    ``o_norm.weight [V]``, ``o_proj [D, HV*V]`` (the residual-branch output projection).
 
     Init of the decay (:meth:`reset_decay_parameters`, as in Mamba-2 / fla):
     ``A_log = log(U(1, 16))``; ``dt ~ exp(U(log 1e-3, log 1e-1))`` floored at 1e-4 and
@@ -124,30 +160,40 @@ class GatedDeltaNet(nn.Module):
         chunk_size: int = 64,
         norm_eps: float = 1e-6,
         kernels: str = "auto",
+        num_value_heads: int | None = None,
+        value_head_dim: int | None = None,
     ):
         super().__init__()
+        num_value_heads = num_value_heads or num_heads
         if min(d_model, num_heads, head_dim, conv_size, chunk_size) < 1:
             raise ValueError(
                 f"GatedDeltaNet needs positive sizes, got d_model={d_model} num_heads={num_heads} "
                 f"head_dim={head_dim} conv_size={conv_size} chunk_size={chunk_size}"
             )
-        if expand_v <= 0 or not float(head_dim * expand_v).is_integer():
+        if not value_head_dim and (expand_v <= 0 or not float(head_dim * expand_v).is_integer()):
             raise ValueError(f"head_dim * expand_v must be a positive integer, got {head_dim} * {expand_v}")
+        if num_value_heads % num_heads or (value_head_dim is not None and value_head_dim < 0):
+            raise ValueError(
+                f"num_value_heads={num_value_heads} must be a multiple of num_heads={num_heads} and "
+                f"value_head_dim={value_head_dim} >= 0"
+            )
         check_kernels(kernels, "Gated DeltaNet")
         self.d_model, self.num_heads, self.head_dim = d_model, num_heads, head_dim
-        self.head_v_dim = int(head_dim * expand_v)
+        self.num_value_heads = num_value_heads
+        self.head_v_dim = int(value_head_dim or head_dim * expand_v)
         self.conv_size, self.chunk_size, self.kernels = conv_size, chunk_size, kernels
-        key_dim, value_dim = num_heads * head_dim, num_heads * self.head_v_dim
+        HV = num_value_heads
+        key_dim, value_dim = num_heads * head_dim, HV * self.head_v_dim
         self.q_proj = nn.Linear(d_model, key_dim, bias=False)
         self.k_proj = nn.Linear(d_model, key_dim, bias=False)
         self.v_proj = nn.Linear(d_model, value_dim, bias=False)
         self.q_conv = ShortConvolution(key_dim, conv_size, activation="silu")
         self.k_conv = ShortConvolution(key_dim, conv_size, activation="silu")
         self.v_conv = ShortConvolution(value_dim, conv_size, activation="silu")
-        self.a_proj = nn.Linear(d_model, num_heads, bias=False)
-        self.b_proj = nn.Linear(d_model, num_heads, bias=False)
-        self.A_log = nn.Parameter(torch.empty(num_heads))
-        self.dt_bias = nn.Parameter(torch.empty(num_heads))
+        self.a_proj = nn.Linear(d_model, HV, bias=False)
+        self.b_proj = nn.Linear(d_model, HV, bias=False)
+        self.A_log = nn.Parameter(torch.empty(HV))
+        self.dt_bias = nn.Parameter(torch.empty(HV))
         self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
         self.dt_bias._no_weight_decay = True  # type: ignore[attr-defined]
         self.g_proj = nn.Linear(d_model, value_dim, bias=False)
@@ -177,7 +223,7 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 ``(g, beta)`` each [B, T, H] from x [B, T, D] (log decay and write strength)."""
+        """fp32 ``(g, beta)`` each [B, T, HV] from x [B, T, D] (log decay and write strength)."""
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
         beta = torch.sigmoid(self.b_proj(x).float())
         return g, beta
@@ -193,19 +239,20 @@ class GatedDeltaNet(nn.Module):
             raise ValueError(f"GatedDeltaNet(d_model={self.d_model}) got x{tuple(x.shape)}")
         if position_ids is None:
             position_ids = default_position_ids(B, T, cu_seqlens, x.device)
-        H, K, V = self.num_heads, self.head_dim, self.head_v_dim
+        H, HV, K, V = self.num_heads, self.num_value_heads, self.head_dim, self.head_v_dim
         conv = self.conv_op
         q = l2norm(conv(self.q_conv, self.q_proj(x), position_ids).view(B, T, H, K))
         k = l2norm(conv(self.k_conv, self.k_proj(x), position_ids).view(B, T, H, K))
-        v = conv(self.v_conv, self.v_proj(x), position_ids).view(B, T, H, V)
+        v = conv(self.v_conv, self.v_proj(x), position_ids).view(B, T, HV, V)
         g, beta = self.gates(x)
         o = self.delta_rule_op(q, k, v, g, beta, scale=K**-0.5, cu_seqlens=cu_seqlens)
-        o = self.o_norm(o, self.g_proj(x).view(B, T, H, V))
-        return self.o_proj(o.reshape(B, T, H * V))
+        o = self.o_norm(o, self.g_proj(x).view(B, T, HV, V))
+        return self.o_proj(o.reshape(B, T, HV * V))
 
     def extra_repr(self) -> str:
         return (
-            f"num_heads={self.num_heads}, head_dim={self.head_dim}, head_v_dim={self.head_v_dim}, "
+            f"num_heads={self.num_heads}, num_value_heads={self.num_value_heads}, head_dim={self.head_dim}, "
+            f"head_v_dim={self.head_v_dim}, "
             f"conv_size={self.conv_size}, chunk_size={self.chunk_size}, kernels={self.kernels!r}"
         )
 
@@ -215,15 +262,16 @@ def build_gated_deltanet(cfg: GatedDeltaNetConfig, d_model: int, *, norm_eps: fl
     """Registry builder: a :class:`GatedDeltaNet` layer from its ``model.gdn`` section."""
     return GatedDeltaNet(
         d_model, cfg.num_heads, cfg.head_dim, expand_v=cfg.expand_v, conv_size=cfg.conv_size,
-        chunk_size=cfg.chunk_size, norm_eps=norm_eps, kernels=kernels,
+        chunk_size=cfg.chunk_size, norm_eps=norm_eps, kernels=kernels, num_value_heads=cfg.value_heads,
+        value_head_dim=cfg.head_v_dim,
     )
 
 
 def gated_deltanet_flops_per_token(cfg: GatedDeltaNetConfig, seq_len: int) -> float:
-    """Training FLOPs per token of the recurrence beyond its parameters: ``18 * H * K * V``.
+    """Training FLOPs per token of the recurrence beyond its parameters: ``18 * HV * K * V``.
 
-    The recurrence reads, corrects and writes the [K, V] state, ``3 * 2 * K * V`` forward per
-    head, times 3 for forward + backward; independent of T (the chunked kernel's intra-chunk
-    work is an implementation cost, not counted).
+    The recurrence reads, corrects and writes one [K, V] state per value head (HV of them; HV = H
+    without grouped value heads), ``3 * 2 * K * V`` forward each, times 3 for forward + backward;
+    independent of T (the chunked kernel's intra-chunk work is an implementation cost, not counted).
     """
-    return 18.0 * cfg.num_heads * cfg.head_dim * int(cfg.head_dim * cfg.expand_v)
+    return 18.0 * cfg.value_heads * cfg.head_dim * cfg.head_v_dim

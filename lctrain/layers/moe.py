@@ -2,7 +2,9 @@
 
 Router formulas (scores, top-k, capacity, Switch aux loss, ST-MoE z-loss, DeepSeek-V3 bias
 balancing) live in :mod:`lctrain.layers.routing`, shared with the routed attention layers.
-Shared experts (DeepSeekMoE, Dai et al. 2024): an always-on SwiGLU added to the routed output.
+Shared experts (DeepSeekMoE, Dai et al. 2024): an always-on SwiGLU added to the routed output,
+optionally scaled per token by a learned sigmoid gate ``sigmoid(x w_g)`` with ``w_g: D -> 1``
+(``shared_expert_gate``, as in Qwen1.5-MoE / Qwen2-MoE / Qwen3-Next).
 
 Seams applied from outside (the layer imports no parallel code):
 
@@ -56,7 +58,10 @@ class MoEConfig:
     ``norm_topk_prob``: renormalise the ``top_k`` selected scores to sum to 1 (Mixtral/Qwen-MoE
     "top-k then renormalise"); false keeps the raw scores ("softmax then top-k", Switch/GShard).
     ``ffn_hidden_size``: per-expert SwiGLU width (0: ``model.ffn_hidden_size`` default / ``top_k``,
-    rounded up to a multiple of 64). ``num_shared_experts`` always-on experts of the same width.
+    rounded up to a multiple of 64). ``num_shared_experts`` always-on experts of the same width,
+    computed as one SwiGLU of ``num_shared_experts * ffn_hidden_size`` (``shared_expert_hidden_size``
+    > 0 sets that width directly); ``shared_expert_gate`` multiplies the shared output by a per-token
+    ``sigmoid(x w_g)`` (``w_g`` [1, D]).
     ``aux_loss_coeff``: Switch load-balancing loss; ``z_loss_coeff``: ST-MoE router z-loss;
     ``bias_update_rate``: DeepSeek-V3 aux-loss-free balancing (0 = off). ``capacity_factor``: 0 =
     dropless, else each expert takes ``ceil(capacity_factor * tokens * top_k / num_experts)`` slots.
@@ -78,6 +83,8 @@ class MoEConfig:
     capacity_factor: float = 0.0
     layers: str = "all"
     expert_impl: str = "auto"
+    shared_expert_gate: bool = False
+    shared_expert_hidden_size: int = 0
 
     def validate(self, n_layers: int, prefix: str = "model.moe") -> None:
         """Raise :class:`~lctrain.errors.ConfigError` naming the bad key and what is allowed."""
@@ -93,12 +100,18 @@ class MoEConfig:
             return
         if not 1 <= self.top_k <= self.num_experts:
             raise ConfigError(f"invalid {prefix}.top_k={self.top_k!r}: must be in [1, {prefix}.num_experts={self.num_experts}]")
-        for key in ("ffn_hidden_size", "num_shared_experts"):
+        for key in ("ffn_hidden_size", "num_shared_experts", "shared_expert_hidden_size"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"invalid {prefix}.{key}={getattr(self, key)!r}: must be >= 0 (0 = default / none)")
         for key in ("aux_loss_coeff", "z_loss_coeff", "bias_update_rate"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"invalid {prefix}.{key}={getattr(self, key)!r}: must be >= 0 (0 disables it)")
+        for key in ("shared_expert_gate", "shared_expert_hidden_size"):
+            if getattr(self, key) and self.num_shared_experts < 1:
+                raise ConfigError(
+                    f"invalid {prefix}.{key}={getattr(self, key)!r}: needs a shared expert "
+                    f"({prefix}.num_shared_experts >= 1, now {self.num_shared_experts})"
+                )
         if self.capacity_factor < 0:
             raise ConfigError(f"invalid {prefix}.capacity_factor={self.capacity_factor!r}: must be 0 (dropless) or > 0")
         try:
@@ -185,7 +198,8 @@ class MoE(nn.Module):
         dense_hidden_size: the dense FFN width (for the default expert width).
 
     Submodules / state: ``router`` (Linear D -> E, no bias, computed in fp32), ``experts``
-    (:class:`GroupedExperts`), ``shared_experts`` (SwiGLU of width ``num_shared_experts * F``, or
+    (:class:`GroupedExperts`), ``shared_experts`` (SwiGLU of width ``num_shared_experts * F`` or
+    ``shared_expert_hidden_size``, or None), ``shared_expert_gate`` (Linear D -> 1, no bias, or
     None), buffer ``expert_bias`` [E] fp32 (persistent: checkpointed), ``routing_stats``
     (:class:`~lctrain.layers.routing.RoutingStats`, not checkpointed), ``dispatcher`` and
     ``balance_group`` (the seams of the module docstring).
@@ -209,8 +223,10 @@ class MoE(nn.Module):
         self.hidden_size = default_expert_hidden_size(d_model, dense_hidden_size, cfg.top_k, cfg.ffn_hidden_size)
         self.router = nn.Linear(d_model, cfg.num_experts, bias=False)
         self.experts = GroupedExperts(cfg.num_experts, d_model, self.hidden_size, cfg.expert_impl)
-        self.shared_experts = (
-            SwiGLU(d_model, self.hidden_size * cfg.num_shared_experts) if cfg.num_shared_experts > 0 else None
+        shared_width = cfg.shared_expert_hidden_size or self.hidden_size * cfg.num_shared_experts
+        self.shared_experts = SwiGLU(d_model, shared_width) if cfg.num_shared_experts > 0 else None
+        self.shared_expert_gate = (
+            nn.Linear(d_model, 1, bias=False) if cfg.num_shared_experts > 0 and cfg.shared_expert_gate else None
         )
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts), persistent=True)
         self.routing_stats = RoutingStats.zeros(cfg.num_experts)
@@ -220,7 +236,8 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, std: float, out_std: float) -> None:
-        """Router, expert gate/up and shared gate/up ``N(0, std)``; down projections ``N(0, out_std)``; bias 0."""
+        """Router, expert gate/up, shared gate/up and shared-expert gate ``N(0, std)``; down projections
+        ``N(0, out_std)``; bias 0."""
         nn.init.normal_(self.router.weight, std=std)
         nn.init.normal_(self.experts.gate_up_proj, std=std)
         nn.init.normal_(self.experts.down_proj, std=out_std)
@@ -228,6 +245,8 @@ class MoE(nn.Module):
             nn.init.normal_(self.shared_experts.gate_proj.weight, std=std)
             nn.init.normal_(self.shared_experts.up_proj.weight, std=std)
             nn.init.normal_(self.shared_experts.down_proj.weight, std=out_std)
+        if self.shared_expert_gate is not None:
+            nn.init.normal_(self.shared_expert_gate.weight, std=std)
         self.expert_bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -251,7 +270,10 @@ class MoE(nn.Module):
             slot_token, slot_expert, slot_weight = slot_token[k], slot_expert[k], slot_weight[k]
         y = self.dispatcher(h, slot_token, slot_expert, slot_weight, E, self.experts)
         if self.shared_experts is not None:
-            y = y + self.shared_experts(h)
+            shared = self.shared_experts(h)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(h)) * shared
+            y = y + shared
         if self.training and torch.is_grad_enabled():
             probs = scores if cfg.score_func == "softmax" else scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
             aux = load_balancing_loss(probs, topk_idx, E, self.balance_group)
