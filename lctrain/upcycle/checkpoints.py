@@ -87,7 +87,9 @@ def load_model_weights(path: Path, model_cfg) -> dict[str, torch.Tensor]:
     """Read the model weights of a trainer checkpoint into a CPU state dict (no optimizer, no RNG).
 
     Each process reads on its own (``no_dist=True``), so it can run on any subset of ranks.
-    Expert-parallel checkpoints load whole (their expert tensors are stored as global DTensors).
+    Expert-parallel checkpoints load whole (their expert tensors are stored as global DTensors);
+    DeepSpeed ZeRO checkpoints are consolidated from their shards
+    (:func:`lctrain.parallel.deepspeed.consolidate_checkpoint`).
 
     Args:
         path: a complete checkpoint directory.
@@ -101,8 +103,14 @@ def load_model_weights(path: Path, model_cfg) -> dict[str, torch.Tensor]:
     """
     from lctrain.models import HybridLM
     from lctrain.parallel.data_parallel import load_model_optim_state, model_optim_state
+    from lctrain.train.checkpoint import _marker_engine
 
     model = HybridLM(model_cfg)
+    if _marker_engine(Path(path)) == "deepspeed":  # ZeRO shards -> one plain state dict
+        from lctrain.parallel.deepspeed import consolidate_checkpoint
+
+        model.load_state_dict(consolidate_checkpoint(path), strict=True)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
     state = model_optim_state(model, None)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")

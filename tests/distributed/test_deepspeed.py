@@ -36,6 +36,10 @@ JOBS: dict[str, dict] = {
     # MoE FFNs without expert parallelism (experts replicated, then partitioned by ZeRO like any weight)
     "moe_ddp": {"model.moe.num_experts": 4, "model.moe.top_k": 2},
     "moe_zero3": {**Z3, "model.moe.num_experts": 4, "model.moe.top_k": 2},
+    # a model Qwen3-Next can express (qk-norm, partial RoPE, MoE with a gated shared expert): the export test
+    "qwen3_zero3": {**Z3, "model.attn.qk_norm": True, "model.attn.partial_rotary_factor": 0.5,
+                    "model.moe.num_experts": 4, "model.moe.top_k": 2, "model.moe.num_shared_experts": 1,
+                    "model.moe.shared_expert_gate": True},
 }
 CRASH_AT = 2  # the resume job crashes after step 2 (checkpointed), then resumes with train.resume=auto
 POISON_AT = 3  # the nan_policy=skip jobs get a NaN loss (and NaN gradients) at step 3
@@ -248,3 +252,25 @@ def test_one_process_zero3_with_offload_equals_two_rank_ddp(runs, small_corpus, 
                           timeout=600, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     _close(json.loads(proc.stdout.strip().splitlines()[-1]), s["ddp"]["losses"], 1e-4)
+
+
+def test_zero3_checkpoint_exports_to_hugging_face(runs, tmp_path):
+    """The ZeRO-3 run exports (consolidated) to a Qwen3-Next directory whose logits are the trained model's."""
+    from transformers import Qwen3NextForCausalLM
+
+    from lctrain.eval.run import read_run_config
+    from lctrain.export.cli import export_run
+    from lctrain.models import HybridLM
+    from lctrain.parallel.deepspeed import consolidate_checkpoint
+
+    root, _, _ = runs
+    z3 = root / "qwen3_zero3" / "checkpoints" / "step_00000005"
+    export_run(root / "qwen3_zero3", tmp_path / "hf", checkpoint=str(z3))
+    cfg = read_run_config(root / "qwen3_zero3")
+    model = HybridLM(cfg.model).eval()
+    model.load_state_dict(consolidate_checkpoint(z3), strict=True)
+    hf = Qwen3NextForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(ids), hf(ids).logits
+    assert ((ours - theirs).abs().max() / ours.abs().max()).item() <= 1e-4
