@@ -197,6 +197,8 @@ class TrainConfig:
     exit_with_parent: bool = True
     # resume even though the corpus, tokenizer or packing differ from the checkpoint's (warning)
     allow_data_change: bool = False
+    # fix glibc's mmap threshold (MiB) so freed activations leave the process (lctrain.train.host_memory); 0: glibc's
+    malloc_mmap_threshold_mib: int = 4
     eval_every: int = 50
     eval_batches: int = 4
     # names of lctrain.eval tasks run at each evaluation ("mqar", "passkey?lengths=256,512", ...)
@@ -492,6 +494,8 @@ def validate(cfg: RunConfig) -> None:
     )
     _require(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, "must be >= 0 (0 = only at the end)")
     _require(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0 = only at the end)")
+    _require(0 <= t.malloc_mmap_threshold_mib <= 32, "train.malloc_mmap_threshold_mib", t.malloc_mmap_threshold_mib,
+             "must be in [0, 32] MiB (0 keeps glibc's dynamic threshold)")
     _require(t.eval_batches >= 1, "train.eval_batches", t.eval_batches,
              "must be >= 1 (to skip validation set data.val_fraction=0)")
     _require(t.resume in ("auto", "none") or Path(t.resume).is_dir(), "train.resume", t.resume,

@@ -49,6 +49,7 @@ from lctrain.train.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from lctrain.train.host_memory import peak_rss_mib, set_malloc_mmap_threshold
 from lctrain.train.metrics import (
     MetricsLogger,
     RoutingHistory,
@@ -120,6 +121,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        set_malloc_mmap_threshold(cfg.train.malloc_mmap_threshold_mib)
         self.lock: RunLock | None = None
         self.stop_signals: StopSignals | None = None
         self.saved_step = -1  # step of the last checkpoint this trainer wrote
@@ -555,7 +557,11 @@ class Trainer:
         return summary
 
     def _summary(self, run_tokens: int, run_time: float, wall: float) -> dict:
+        """The run's summary (collective: the peak resident memory is the maximum over the ranks)."""
         vh = self.state.val_history
+        peak = torch.tensor([peak_rss_mib()], dtype=torch.float64, device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         finite = [x for x in self.state.losses if math.isfinite(x)]
         return {
             "recipe": self.cfg.recipe,
@@ -584,6 +590,8 @@ class Trainer:
                                      if self.head_routed else None),
             "num_params": self.num_params,
             "device": str(self.device),
+            # host memory: peak resident set size of the largest rank, MiB (ru_maxrss)
+            "peak_rss_mib": float(peak.item()),
         }
 
 
