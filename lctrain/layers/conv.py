@@ -19,6 +19,100 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
+
+
+def _padded(x: torch.Tensor, cache: torch.Tensor | None, K: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, K-1+T, C]`` in ``dtype``: ``cache`` (zeros when None) followed by ``x``."""
+    xc = x.to(dtype)
+    return F.pad(xc, (0, 0, K - 1, 0)) if cache is None else torch.cat((cache.to(dtype), xc), dim=1)
+
+
+def _pre_activation(
+    padded: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, position_ids: torch.Tensor | None
+) -> torch.Tensor:
+    """``[B, T, C]`` convolution of ``padded`` (from :func:`_padded`) plus bias, in ``padded.dtype``.
+
+    K shifted, masked multiply-adds (K is tiny, 4): unlike one conv1d over the packed row this
+    lets the position mask cut taps at every document start. Tap ``j`` (reaching ``j`` tokens
+    back) reads ``padded[:, K-1-j : K-1-j+T]`` and is zeroed where ``position_ids < j``.
+    """
+    K = weight.shape[1]
+    T = padded.shape[1] - (K - 1)
+    dtype = padded.dtype
+    w = weight.to(dtype)
+    out = padded[:, K - 1 :] * w[:, K - 1]
+    for j in range(1, K):
+        tap = padded[:, K - 1 - j : K - 1 - j + T] * w[:, K - 1 - j]
+        if position_ids is not None:
+            tap.mul_(_tap_mask(position_ids, j, dtype))
+        out.add_(tap)
+    if bias is not None:
+        out.add_(bias.to(dtype))
+    return out
+
+
+def _tap_mask(position_ids: torch.Tensor, j: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, T, 1]`` 1 where tap ``j`` stays inside the token's document (``position_ids >= j``), else 0."""
+    return (position_ids >= j).unsqueeze(-1).to(dtype)
+
+
+class ShortConvFunction(torch.autograd.Function):
+    """Document-masked depthwise causal convolution (+ optional SiLU) that recomputes in backward.
+
+    ``forward(ctx, x, weight, bias, cache, position_ids, silu) -> y``:
+
+    * ``x`` [B, T, C] float (fp32, bf16, fp16 or fp64); ``weight`` [C, K]; ``bias`` [C] or None;
+      ``cache`` [B, K-1, C] or None (the inputs preceding ``x[:, 0]``, zeros when None);
+      ``position_ids`` [B, T] int or None (no document masking); ``silu`` bool.
+    * ``y`` [B, T, C] in ``x.dtype``: ``act(sum_j w[:, K-1-j] x[t-j] [pos_t >= j] + bias)``.
+
+    The arithmetic runs in fp32 (fp64 when ``x`` is fp64) and is cast to ``x.dtype`` once at the
+    end; for fp32 inputs it is the same sequence of operations as the plain autograd version.
+
+    Saved for backward: only the inputs, as given (``x``, ``weight``, ``bias``, ``cache``,
+    ``position_ids``; no copies), so a call keeps ``B*T*C`` elements of ``x.dtype`` instead of the
+    padded input, the masked taps and the SiLU's pre-activation. Backward recomputes the
+    pre-activation (K multiply-adds per element) and returns the gradients of ``x``, ``weight``,
+    ``bias`` and ``cache`` (the last flows back to whoever produced the cache, e.g. the previous
+    context-parallel shard), each in its input's dtype. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, cache, position_ids, silu):
+        dtype = torch.promote_types(torch.float32, x.dtype)
+        out = _pre_activation(_padded(x, cache, weight.shape[1], dtype), weight, bias, position_ids)
+        if silu:
+            out = F.silu(out, inplace=True)
+        ctx.save_for_backward(x, weight, bias, cache, position_ids)
+        ctx.silu, ctx.dtype = silu, dtype
+        return out.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, bias, cache, position_ids = ctx.saved_tensors
+        dtype = ctx.dtype
+        need_x, need_w, need_b, need_c = ctx.needs_input_grad[:4]
+        B, T, C = x.shape
+        K = weight.shape[1]
+        padded = _padded(x, cache, K, dtype)
+        dpre = dy.to(dtype)
+        if ctx.silu:
+            dpre = torch.ops.aten.silu_backward(dpre, _pre_activation(padded, weight, bias, position_ids))
+        w = weight.to(dtype)
+        dw = torch.empty(C, K, dtype=dtype, device=x.device) if need_w else None
+        dpad = torch.zeros(B, K - 1 + T, C, dtype=dtype, device=x.device) if (need_x or need_c) else None
+        for j in range(K):
+            d = dpre if j == 0 or position_ids is None else dpre * _tap_mask(position_ids, j, dtype)
+            if need_w:
+                dw[:, K - 1 - j] = (d * padded[:, K - 1 - j : K - 1 - j + T]).sum((0, 1))
+            if dpad is not None:
+                dpad[:, K - 1 - j : K - 1 - j + T].add_(d * w[:, K - 1 - j])
+        dx = dpad[:, K - 1 :].to(x.dtype) if need_x else None
+        dcache = dpad[:, : K - 1].to(cache.dtype) if need_c else None
+        db = dpre.sum((0, 1)).to(bias.dtype) if need_b else None
+        return dx, None if dw is None else dw.to(weight.dtype), db, dcache, None, None
 
 
 class ShortConvolution(nn.Module):
@@ -38,6 +132,10 @@ class ShortConvolution(nn.Module):
     * ``cache``: the ``K-1`` tokens that precede ``x[:, 0]`` (e.g. the tail of the previous
       context-parallel shard); taps into it are still masked by ``position_ids``. ``None`` reads
       zeros there.
+
+    Runs as :class:`ShortConvFunction`: math in fp32 (fp64 for fp64 inputs), and only the inputs
+    are kept for backward, which recomputes the taps and the SiLU (gradients reach ``x``, the
+    weights and ``cache``).
 
     Init: ``U(-1/sqrt(K), 1/sqrt(K))`` as ``nn.Conv1d`` with fan-in K (depthwise), bias 0.
 
@@ -81,26 +179,11 @@ class ShortConvolution(nn.Module):
             raise ValueError(f"ShortConvolution(channels={self.channels}) got x with {C} channels")
         if position_ids is not None and position_ids.shape != (B, T):
             raise ValueError(f"position_ids must be [B, T] = {(B, T)}, got {tuple(position_ids.shape)}")
-        if cache is None:
-            padded = F.pad(x, (0, 0, K - 1, 0))
-        else:
-            if cache.shape != (B, K - 1, C):
-                raise ValueError(f"cache must be [B, K-1, C] = {(B, K - 1, C)}, got {tuple(cache.shape)}")
-            padded = torch.cat((cache.to(x.dtype), x), dim=1)
-        w = self.weight.to(x.dtype)
-        # K shifted, masked multiply-adds: K is tiny (4), and unlike one conv1d over the packed row
-        # this lets the position mask cut taps at every document start.
-        out = padded[:, K - 1 :] * w[:, K - 1]
-        for j in range(1, K):
-            tap = padded[:, K - 1 - j : K - 1 - j + T] * w[:, K - 1 - j]
-            if position_ids is not None:
-                tap = tap * (position_ids >= j).unsqueeze(-1).to(x.dtype)
-            out = out + tap
-        if self.bias is not None:
-            out = out + self.bias.to(x.dtype)
-        if self.activation == "silu":
-            out = F.silu(out)
-        return out
+        if cache is not None and cache.shape != (B, K - 1, C):
+            raise ValueError(f"cache must be [B, K-1, C] = {(B, K - 1, C)}, got {tuple(cache.shape)}")
+        return ShortConvFunction.apply(
+            x, self.weight, self.bias, cache, position_ids, self.activation == "silu"
+        )
 
     def extra_repr(self) -> str:
         return f"{self.channels}, kernel_size={self.kernel_size}, activation={self.activation}"

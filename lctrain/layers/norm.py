@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -72,6 +73,54 @@ class RMSNorm(nn.Module):
         return f"{self.dim}, eps={self.eps}"
 
 
+class GatedRMSNormFunction(torch.autograd.Function):
+    """``y = x * rstd * weight * silu(gate)``, ``rstd = 1 / sqrt(mean(x^2, -1) + eps)``, lean backward.
+
+    ``forward(ctx, x [..., D], gate [..., D], weight [D], eps: float) -> y [..., D]`` in
+    ``x.dtype``; any float dtypes, arithmetic in fp32 (fp64 when ``x`` is fp64), the same
+    operations as the plain autograd version (``rmsnorm(x) * weight``, then ``* silu(gate)``).
+
+    Saved for backward: ``x`` and ``gate`` as given (no copies) and ``rstd`` [..., 1] in the
+    compute dtype, instead of the normalised ``x``, its scaled copy, ``silu(gate)`` and the fp32
+    copies of bf16 inputs. Backward recomputes ``n = x * rstd`` and ``silu(gate)`` and returns
+    ``dx = rstd * (dn - n * mean(dn * n, -1))`` with ``dn = dy * silu(gate) * weight``,
+    ``dgate = dy * n * weight * silu'(gate)`` and ``dweight = sum(dy * n * silu(gate))`` over the
+    leading dims, each in its input's dtype. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gate, weight, eps):
+        dtype = torch.promote_types(torch.float32, x.dtype)
+        xf = x.to(dtype)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        y = xf * rstd * weight.to(dtype) * F.silu(gate.to(dtype))
+        ctx.save_for_backward(x, gate, weight, rstd)
+        return y.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, gate, weight, rstd = ctx.saved_tensors
+        need_x, need_gate, need_w = ctx.needs_input_grad[:3]
+        dtype = rstd.dtype
+        n = x.to(dtype) * rstd
+        gf = gate.to(dtype)
+        w = weight.to(dtype)
+        dyf = dy.to(dtype)
+        dx = dgate = dw = None
+        if need_gate:
+            dgate = torch.ops.aten.silu_backward(dyf * (n * w), gf).to(gate.dtype)
+        if need_x or need_w:
+            dnw = dyf * F.silu(gf)
+            del gf
+            if need_w:
+                dw = (dnw * n).reshape(-1, n.shape[-1]).sum(0).to(weight.dtype)
+            if need_x:
+                dn = dnw.mul_(w)
+                dx = (rstd * (dn - n * (dn * n).mean(-1, keepdim=True))).to(x.dtype)
+        return dx, dgate, dw, None
+
+
 class GatedRMSNorm(nn.Module):
     """``rmsnorm(x) * weight * silu(gate)`` over the last dim (Gated DeltaNet output norm).
 
@@ -82,7 +131,9 @@ class GatedRMSNorm(nn.Module):
         dim: size D of the normalised (last) dim.
         eps: numerical floor added to the mean square.
 
-    Shapes: ``forward(x [..., D], gate [..., D]) -> [..., D]`` in ``x.dtype``; math in fp32.
+    Shapes: ``forward(x [..., D], gate [..., D]) -> [..., D]`` in ``x.dtype``; math in fp32
+    (fp64 for fp64 inputs). Runs as :class:`GatedRMSNormFunction`, which keeps only ``x``,
+    ``gate`` and the per-row ``rstd`` for backward.
 
     Raises:
         ValueError: wrong last dim, or ``gate`` and ``x`` shapes differ.
@@ -106,8 +157,7 @@ class GatedRMSNorm(nn.Module):
                 f"GatedRMSNorm(dim={self.dim}) needs x and gate of the same shape [..., {self.dim}], "
                 f"got x{tuple(x.shape)} gate{tuple(gate.shape)}"
             )
-        y = _rms_norm_fp32(x, self.weight, self.eps) * F.silu(gate.float())
-        return y.to(x.dtype)
+        return GatedRMSNormFunction.apply(x, gate, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"
