@@ -17,6 +17,7 @@ memory-mapped, the same windows without re-tokenising; blends with weights).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -27,9 +28,16 @@ import numpy as np
 from lctrain.errors import ConfigError
 
 from lctrain.data.corpus import default_cache_dir, load_documents, parse_filter, split_documents
-from lctrain.data.packing import IGNORE_INDEX, PackedDataset, collate_packed, load_or_pack, stream_dtype
+from lctrain.data.packing import (
+    IGNORE_INDEX,
+    PackedDataset,
+    collate_packed,
+    load_or_pack,
+    stream_dtype,
+    token_cache_path,
+)
 from lctrain.data.sampler import DistributedBatchSampler
-from lctrain.data.tokenizer import Tokenizer, check_vocab, load_tokenizer, train_tokenizer
+from lctrain.data.tokenizer import Tokenizer, atomic_write, check_vocab, load_tokenizer, train_tokenizer
 
 __all__ = [
     "IGNORE_INDEX",
@@ -71,6 +79,12 @@ def build_data(
     first call takes 8-13 s (Arrow conversion, tokenizer training about 3 s, encoding about 6 s),
     a later call in a new process about 1.4 s, of which about 1 s is importing ``datasets``.
 
+    For a local corpus, ``cache_dir/prepared_<key>.json`` then records which tokenizer and token
+    stream files these settings produced, keyed by each corpus file's path, size and modification
+    time (and the tokenizer file's, and every ``data_cfg`` field that changes the result), so later
+    calls read neither the documents nor ``datasets``; touching or replacing a corpus file
+    rebuilds (an edit that keeps a file's size and modification time is not seen).
+
     Distributed runs should call this on rank 0 first and on the other ranks after a barrier;
     caches are written atomically, so ranks that do race only repeat work, never read partial files.
 
@@ -105,6 +119,13 @@ def build_data(
         return build_megatron_data(data_cfg, seq_len, vocab_size, rank=rank)
     cache = Path(cache_dir or getattr(data_cfg, "cache_dir", "") or default_cache_dir())
     doc_filter = str(getattr(data_cfg, "filter", "") or "")
+    manifest = _prepared_manifest_path(data_cfg, vocab_size, cache)
+    prepared = _load_prepared(manifest, seq_len, vocab_size) if manifest is not None else None
+    if prepared is not None:
+        if rank == 0:
+            log.info("data: prepared %s (tokenizer and token streams from %s), %.1fs", data_cfg.path, manifest.name,
+                     time.perf_counter() - t0)
+        return prepared
     train_docs, val_docs = [], []
     for alt in range(len(parse_filter(doc_filter))) if doc_filter.strip() else [None]:
         docs = load_documents(data_cfg.path, data_cfg.text_key, data_cfg.split, cache_dir=cache,
@@ -139,7 +160,61 @@ def build_data(
             len(train_docs), train_ds.num_tokens, len(train_ds), seq_len, len(val_docs),
             len(val_ds), tokenizer.vocab_size, time.perf_counter() - t0,
         )
+    if manifest is not None and tokenizer.path is not None:
+        record = {"tokenizer": str(tokenizer.path), "train": str(token_cache_path(train_docs, tokenizer, cache, "train")),
+                  "val": str(token_cache_path(val_docs, tokenizer, cache, "val")) if val_docs else None}
+        atomic_write(manifest, lambda f: f.write(json.dumps(record).encode()))
     return tokenizer, train_ds, val_ds
+
+
+_PREPARED_VERSION = 1  # bump when anything that decides the tokenizer or token streams changes
+
+
+def _prepared_manifest_path(data_cfg: Any, vocab_size: int, cache: Path) -> Path | None:
+    """``cache/prepared_<key>.json`` for a local corpus: the key hashes every corpus file's path, size
+    and modification time and the settings that decide the tokenizer and token streams (None for
+    hub datasets, whose content is not a file here)."""
+    from lctrain.data.corpus import _files_in, resolve_path
+
+    try:
+        resolved = resolve_path(str(data_cfg.path))
+    except (FileNotFoundError, ValueError):
+        return None
+    if not isinstance(resolved, Path):
+        return None
+    files = _files_in(resolved) if resolved.is_dir() else [resolved]
+    tok = str(data_cfg.tokenizer)
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    if tok != "auto":
+        t = Path(tok).expanduser()
+        if not t.is_file():
+            return None
+        stats.append((str(t.resolve()), t.stat().st_size, t.stat().st_mtime_ns))
+    key = json.dumps({"v": _PREPARED_VERSION, "files": stats, "text_key": data_cfg.text_key, "split": data_cfg.split,
+                      "filter": str(getattr(data_cfg, "filter", "") or ""), "val_fraction": data_cfg.val_fraction,
+                      "seed": data_cfg.seed, "tokenizer": tok, "vocab_size": int(vocab_size)}, sort_keys=True)
+    return cache / f"prepared_{hashlib.blake2b(key.encode(), digest_size=8).hexdigest()}.json"
+
+
+def _load_prepared(manifest: Path, seq_len: int, vocab_size: int) -> tuple | None:
+    """The tokenizer and datasets a manifest names, or None when it (or a file it names) is missing.
+
+    This skips reading the documents (and importing ``datasets``) on every run after the first on
+    the same, unchanged corpus files: about 1 s and 100+ MB of resident memory per process.
+    """
+    try:
+        record = json.loads(manifest.read_text())
+        tokenizer = Tokenizer.from_file(record["tokenizer"])
+        train_tokens = np.load(record["train"], mmap_mode="r", allow_pickle=False)
+        val_tokens = (np.load(record["val"], mmap_mode="r", allow_pickle=False) if record["val"]
+                      else np.zeros(0, dtype=stream_dtype(tokenizer.vocab_size)))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    check_vocab(tokenizer, vocab_size)
+    train_ds = PackedDataset(train_tokens, tokenizer.eos_id, seq_len)
+    if len(train_ds) == 0:
+        return None  # the full path gives the message
+    return tokenizer, train_ds, PackedDataset(val_tokens, tokenizer.eos_id, seq_len)
 
 
 def data_fingerprint(data_cfg: Any, tokenizer: Any, train_ds: Any, samples: int = 64) -> dict[str, Any]:

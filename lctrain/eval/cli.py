@@ -8,8 +8,10 @@ Evaluation::
 ``key=value`` sets that parameter of every listed task that has it (an error if none has it);
 ``TASK.key=value`` sets it for one task. Lists are comma-separated (``passkey.lengths=256,512``).
 Writes ``<task>.json`` and ``<task>.png`` to ``out`` (default ``RUN_DIR/eval``) and prints the
-headline figures. Tasks and parameters: ``python launch/eval.py --help``. Runs in one process
-(no torchrun data parallelism: the tasks are small).
+headline figures. Tasks and parameters: ``python launch/eval.py --help``. Data-parallel:
+``torchrun --nproc_per_node=N launch/eval.py ...`` loads the model on every rank (``cuda:LOCAL_RANK``
+on GPUs, gloo on CPU), each rank scores every N-th batch or example and rank 0 writes the merged
+results, which equal a single process's (up to the order of floating-point sums).
 
 Generation::
 
@@ -24,6 +26,7 @@ input (the message says which).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -83,6 +86,25 @@ def split_task_params(names: list[str], params: dict[str, str]) -> list[tuple[st
     return specs
 
 
+def _init_data_parallel(device: str) -> tuple[int, int, str]:
+    """``(rank, world, device)``: under torchrun (``WORLD_SIZE > 1``) the process group is started
+    (NCCL on GPUs with ``device`` ``auto``/``cuda``, else gloo) and ``cuda`` means this rank's GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    import torch
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    on_gpu = torch.cuda.is_available() and device in ("auto", "cuda")
+    if on_gpu:
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if on_gpu else "gloo")
+    return dist.get_rank(), world, device
+
+
 def eval_main(argv: list[str]) -> int:
     """``launch/eval.py``: run tasks on a trained run; returns the exit code."""
     if any(a in ("-h", "--help") for a in argv):
@@ -91,6 +113,7 @@ def eval_main(argv: list[str]) -> int:
     from lctrain.eval.run import load_run
     from lctrain.eval.tasks import get_task, run_tasks
 
+    world = 1
     try:
         args = _parse(argv)
         run_dir = args.pop("run", None)
@@ -102,20 +125,31 @@ def eval_main(argv: list[str]) -> int:
         device, dtype = args.pop("device", "auto"), args.pop("dtype", "fp32")
         specs = split_task_params(names, args)
         t0 = time.perf_counter()
+        rank, world, device = _init_data_parallel(device)
         run = load_run(run_dir, checkpoint, device, dtype)
-        meta = {"run": str(run_dir), "checkpoint": str(run.checkpoint) if run.checkpoint else None, "step": run.step}
-        print(f"[lctrain eval] {run_dir} step {run.step} ({run.checkpoint or 'initial weights'}), "
-              f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f} M parameters", flush=True)
+        meta = {"run": str(run_dir), "checkpoint": str(run.checkpoint) if run.checkpoint else None, "step": run.step,
+                "world_size": world}
+        say = print if rank == 0 else (lambda *a, **k: None)
+        say(f"[lctrain eval] {run_dir} step {run.step} ({run.checkpoint or 'initial weights'}), "
+            f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f} M parameters, {world} rank(s)", flush=True)
+        ctx = run.context()
+        ctx.rank, ctx.world = rank, world
         for name, given in specs:
             t1 = time.perf_counter()
-            (r,) = run_tasks(run.context(), [(name, given)], out_dir=out, meta=meta)
+            (r,) = run_tasks(ctx, [(name, given)], out_dir=out if rank == 0 else None, meta=meta)
             head = ", ".join(f"{k} {r.result[k]:.4g}" for k in get_task(name).headline if k in r.result)
-            print(f"[lctrain eval] {name}: {head} ({time.perf_counter() - t1:.1f}s) -> "
-                  f"{', '.join(str(f) for f in r.files)}", flush=True)
-        print(f"[lctrain eval] done in {time.perf_counter() - t0:.1f}s", flush=True)
+            say(f"[lctrain eval] {name}: {head} ({time.perf_counter() - t1:.1f}s) -> "
+                f"{', '.join(str(f) for f in r.files)}", flush=True)
+        say(f"[lctrain eval] done in {time.perf_counter() - t0:.1f}s", flush=True)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
     return 0
 
 

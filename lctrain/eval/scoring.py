@@ -66,21 +66,32 @@ def _batches(order: list[int], size: int):
         yield order[s:s + size]
 
 
+def _mine(batches, part: tuple[int, int]):
+    rank, world = part
+    for i, b in enumerate(batches):
+        if i % world == rank:
+            yield b
+
+
 @torch.no_grad()
 def score_forced(model, examples: Sequence[RecallExample], batch_size: int = 4,
-                 pad_id: int = 0) -> list[float]:
+                 pad_id: int = 0, part: tuple[int, int] = (0, 1)) -> list[float | None]:
     """Teacher-forced recall score of each example: the fraction of its items whose tokens are all argmax-correct.
 
     Sequences of a batch are right-padded with ``pad_id`` (causal: padding never reaches the
     scored positions); examples are batched by length.
 
+    Args:
+        part: ``(rank, world)``: score only batches ``rank, rank + world, ...`` (data-parallel
+            evaluation; the batches are those of one process, so merged scores equal its scores).
+
     Returns:
-        A score in [0, 1] per example, in the input order.
+        A score in [0, 1] per example, in the input order (None for examples of other parts).
     """
     device = _device_of(model)
-    scores = [0.0] * len(examples)
+    scores: list[float | None] = [None] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt) + len(examples[i].answer))
-    for idx in _batches(order, max(1, batch_size)):
+    for idx in _mine(_batches(order, max(1, batch_size)), part):
         seqs = [examples[i].prompt + examples[i].answer for i in idx]
         T = max(map(len, seqs))
         ids = torch.full((len(seqs), T), pad_id, dtype=torch.int64)
@@ -99,14 +110,16 @@ def score_forced(model, examples: Sequence[RecallExample], batch_size: int = 4,
 
 @torch.no_grad()
 def score_generate(model: nn.Module, tokenizer, examples: Sequence[RecallExample], batch_size: int = 4,
-                   extra_tokens: int = 4) -> tuple[list[float], list[str]]:
+                   extra_tokens: int = 4, part: tuple[int, int] = (0, 1)) -> tuple[list[float | None], list[str | None]]:
     """Greedy-generation score of each example: the fraction of ``expected`` strings in the decoded output.
 
     Examples of equal prompt length are decoded together, ``len(answer) + extra_tokens`` new
-    tokens each (stopping early at EOS).
+    tokens each (stopping early at EOS). ``part=(rank, world)`` decodes only every ``world``-th
+    batch (as :func:`score_forced`).
 
     Returns:
-        ``(scores, outputs)``: per example a score in [0, 1] and the generated text.
+        ``(scores, outputs)``: per example a score in [0, 1] and the generated text (None for
+        examples of other parts).
 
     Raises:
         NotImplementedError: a mixer without decode rules (see :mod:`lctrain.generate`).
@@ -114,18 +127,19 @@ def score_generate(model: nn.Module, tokenizer, examples: Sequence[RecallExample
     from lctrain.generate import generate
 
     device = _device_of(model)
-    scores, texts = [0.0] * len(examples), [""] * len(examples)
+    scores: list[float | None] = [None] * len(examples)
+    texts: list[str | None] = [None] * len(examples)
     by_len: dict[int, list[int]] = {}
     for i, ex in enumerate(examples):
         by_len.setdefault(len(ex.prompt), []).append(i)
-    for _, members in sorted(by_len.items()):
-        for idx in _batches(members, max(1, batch_size)):
-            ids = torch.tensor([examples[i].prompt for i in idx], dtype=torch.int64, device=device)
-            new = max(len(examples[i].answer) for i in idx) + extra_tokens
-            out = generate(model, ids, new, temperature=0.0, eos_id=getattr(tokenizer, "eos_id", None))
-            for b, i in enumerate(idx):
-                text = tokenizer.decode(out[b, ids.shape[1]:].tolist())
-                texts[i] = text
-                exp = examples[i].expected
-                scores[i] = sum(e in text for e in exp) / len(exp) if exp else 0.0
+    batches = [idx for _, members in sorted(by_len.items()) for idx in _batches(members, max(1, batch_size))]
+    for idx in _mine(batches, part):
+        ids = torch.tensor([examples[i].prompt for i in idx], dtype=torch.int64, device=device)
+        new = max(len(examples[i].answer) for i in idx) + extra_tokens
+        out = generate(model, ids, new, temperature=0.0, eos_id=getattr(tokenizer, "eos_id", None))
+        for b, i in enumerate(idx):
+            text = tokenizer.decode(out[b, ids.shape[1]:].tolist())
+            texts[i] = text
+            exp = examples[i].expected
+            scores[i] = sum(e in text for e in exp) / len(exp) if exp else 0.0
     return scores, texts

@@ -53,6 +53,11 @@ class EvalContext:
         val_dataset: the run's validation dataset (used for synthetic runs), or None.
         cache_dir: the run's data cache (for ``perplexity`` on another ``path``).
         vocab: the model's vocabulary size when there is no config (test doubles); 0 = from the config.
+        rank, world: data-parallel evaluation (``torchrun launch/eval.py``): rank ``r`` of ``world``
+            scores every ``world``-th batch / example and the partial results are gathered, so
+            every rank returns the whole result. The model must then run forwards independently on
+            each rank (a plain model per rank, as ``launch/eval.py`` loads it); the training hook
+            keeps ``world = 1`` (a wrapped model's forwards are collective).
     """
 
     model: Any
@@ -63,6 +68,22 @@ class EvalContext:
     val_dataset: Any = None
     cache_dir: Path | None = None
     vocab: int = 0
+    rank: int = 0
+    world: int = 1
+
+    def mine(self, n: int) -> range:
+        """The indices ``0 .. n-1`` this rank handles: ``rank, rank + world, ...``."""
+        return range(self.rank, n, self.world)
+
+    def gather(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank, in rank order (``[obj]`` without data parallelism; collective otherwise)."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
     @property
     def synthetic_spec(self) -> MQARSpec | None:
@@ -248,7 +269,8 @@ def run_perplexity(ctx: EvalContext, params: dict) -> dict:
     doc_sum: dict[int, float] = {}
     doc_cnt: dict[int, int] = {}
     bs = max(1, params["batch_size"])
-    for s in range(0, len(windows), bs):
+    starts = list(range(0, len(windows), bs))
+    for s in (starts[i] for i in ctx.mine(len(starts))):
         chunk = windows[s:s + bs]
         T = max(len(w[1]) for w in chunk)
         ids = torch.zeros(len(chunk), T, dtype=torch.int64)
@@ -265,6 +287,14 @@ def run_perplexity(ctx: EvalContext, params: dict) -> dict:
         for b, (d, _, _) in enumerate(chunk):
             doc_sum[d] = doc_sum.get(d, 0.0) + float((ce[b] * mask[b]).sum())
             doc_cnt[d] = doc_cnt.get(d, 0) + int(mask[b].sum())
+    if ctx.world > 1:  # every rank's partial sums
+        parts = ctx.gather((pos_sum, pos_cnt, doc_sum, doc_cnt))
+        pos_sum, pos_cnt = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        doc_sum, doc_cnt = {}, {}
+        for _, _, ds, dc in parts:
+            for d in ds:
+                doc_sum[d] = doc_sum.get(d, 0.0) + ds[d]
+                doc_cnt[d] = doc_cnt.get(d, 0) + dc[d]
     total, count = float(pos_sum.sum()), float(pos_cnt.sum())
     if count == 0:
         raise ValueError("perplexity: no labelled tokens")
@@ -311,7 +341,8 @@ def run_mqar(ctx: EvalContext, params: dict) -> dict:
     correct = total = 0
     by_dist: dict[int, list[int]] = {}
     n, bs = params["num_examples"], max(1, params["batch_size"])
-    for s in range(0, n, bs):
+    starts = list(range(0, n, bs))
+    for s in (starts[i] for i in ctx.mine(len(starts))):
         ids, _, examples = mqar_batch(spec, s, min(bs, n - s), STREAMS["eval"])
         rows = [ex.query_pos.tolist() for ex in examples]
         out = logits_at(ctx.model, ids.to(device), rows)
@@ -326,6 +357,14 @@ def run_mqar(ctx: EvalContext, params: dict) -> dict:
                 by_dist.setdefault(key, [0, 0])
                 by_dist[key][0] += int(h)
                 by_dist[key][1] += 1
+    if ctx.world > 1:
+        parts = ctx.gather((correct, total, by_dist))
+        correct, total, by_dist = sum(p[0] for p in parts), sum(p[1] for p in parts), {}
+        for _, _, bd in parts:
+            for key, (c, q) in bd.items():
+                by_dist.setdefault(key, [0, 0])
+                by_dist[key][0] += c
+                by_dist[key][1] += q
     buckets = [{"start": 2 ** k, "end": 2 ** (k + 1), "queries": c[1], "accuracy": c[0] / c[1]}
                for k, c in sorted(by_dist.items())]
     return {"accuracy": correct / total, "queries": total, "examples": n,
@@ -337,12 +376,25 @@ def run_mqar(ctx: EvalContext, params: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------ text recall
 def _score(ctx: EvalContext, params: dict, examples: list[hs.RecallExample]) -> tuple[list[float], list[str] | None]:
+    """Scores (and generated texts for ``mode=generate``) of ``examples``; this rank scores its share."""
+    if params["mode"] == "generate" and ctx.decode_model is None:
+        raise ConfigError("mode=generate needs the unwrapped model (launch/eval.py); the training hook scores "
+                          "mode=forced only")
+    part = (ctx.rank, ctx.world)
     if params["mode"] == "generate":
-        if ctx.decode_model is None:
-            raise ConfigError("mode=generate needs the unwrapped model (launch/eval.py); the training hook scores "
-                              "mode=forced only")
-        return score_generate(ctx.decode_model, ctx.tokenizer, examples, params["batch_size"])
-    return score_forced(ctx.model, examples, params["batch_size"], pad_id=getattr(ctx.tokenizer, "eos_id", 0)), None
+        scores, texts = score_generate(ctx.decode_model, ctx.tokenizer, examples, params["batch_size"], part=part)
+    else:
+        scores = score_forced(ctx.model, examples, params["batch_size"], pad_id=getattr(ctx.tokenizer, "eos_id", 0),
+                              part=part)
+        texts = None
+    if ctx.world > 1:  # each rank scored its batches: take every example's score from the rank that has it
+        for part_scores, part_texts in ctx.gather((scores, texts)):
+            for i, sc in enumerate(part_scores):
+                if sc is not None:
+                    scores[i] = sc
+                    if texts is not None:
+                        texts[i] = part_texts[i]
+    return scores, texts
 
 
 def _need_tokenizer(ctx: EvalContext, name: str):

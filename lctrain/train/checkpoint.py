@@ -219,7 +219,11 @@ def _gather(value: Any) -> list[Any]:
 def _file_table(directory: Path, checksum: bool) -> dict[str, list]:
     """``{relative path: [size, crc32 or None]}`` of every file under ``directory`` (collective: ranks share the hashing)."""
     rank, world = _rank_world()
-    names = _listed_files(directory)
+    names = _listed_files(directory) if rank == 0 else None
+    if _dist_on():  # rank 0's listing: a shared filesystem may show another rank a stale directory
+        box = [names]
+        dist.broadcast_object_list(box, src=0)
+        names = box[0]
     mine, error = {}, None
     try:
         for i, name in enumerate(names):

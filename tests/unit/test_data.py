@@ -462,3 +462,42 @@ def test_build_data_builtin_vocab_4096(tmp_path):
     docs = load_documents("pd_english", cache_dir=tmp_path)
     text = docs[5][:2000]
     assert tok.decode(tok.encode(text)) == text
+
+
+def test_prepared_manifest_skips_documents_until_a_file_changes(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    import lctrain.data as data_mod
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in TINY * 3])
+    cfg = DataConfig(path=str(corpus), val_fraction=0.25, seed=0)
+    cache = tmp_path / "cache"
+    tok, train, val = build_data(cfg, 32, 320, cache)
+    assert len(list(cache.glob("prepared_*.json"))) == 1
+    with monkeypatch.context() as m:
+        m.setattr(data_mod, "load_documents", lambda *a, **k: pytest.fail("documents read again"))
+        tok2, train2, val2 = build_data(cfg, 32, 320, cache)
+    assert tok2.fingerprint == tok.fingerprint
+    np.testing.assert_array_equal(train2.tokens, train.tokens)
+    np.testing.assert_array_equal(val2.tokens, val.tokens)
+    # a new process reads the prepared data without importing datasets (about 100 MB resident)
+    code = ("import sys; from lctrain.config import DataConfig; from lctrain.data import build_data; "
+            f"build_data(DataConfig(path={str(corpus)!r}, val_fraction=0.25, seed=0), 32, 320, {str(cache)!r}); "
+            "print('datasets' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
+    # the corpus changes (new content, new modification time): rebuilt from the documents
+    write_jsonl(corpus, [{"text": t} for t in TINY[::-1] * 3])
+    os.utime(corpus, ns=(corpus.stat().st_atime_ns, corpus.stat().st_mtime_ns + 10**9))
+    calls = []
+    real = data_mod.load_documents
+    monkeypatch.setattr(data_mod, "load_documents", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _, train3, _ = build_data(cfg, 32, 320, cache)
+    assert calls and not np.array_equal(np.asarray(train3.tokens), np.asarray(train.tokens))
+    # a manifest whose files were deleted falls back to building
+    for f in cache.glob("tokens_*.npy"):
+        f.unlink()
+    _, train4, _ = build_data(cfg, 32, 320, cache)
+    np.testing.assert_array_equal(train4.tokens, train3.tokens)
