@@ -262,10 +262,10 @@ def start_parent_watchdog(interval_s: float = 0.5, before_exit=None) -> threadin
     parent = os.getppid()
     if parent <= 1:
         return None
+    stop = threading.Event()
 
     def watch() -> None:
-        while True:
-            time.sleep(interval_s)
+        while not stop.wait(interval_s):
             if os.getppid() != parent:
                 print(f"[lctrain] pid {os.getpid()}: the launcher (pid {parent}) is gone; exiting "
                       f"(code {EXIT_PARENT_DIED}) instead of training on. Restart the job to resume from the "
@@ -278,6 +278,15 @@ def start_parent_watchdog(interval_s: float = 0.5, before_exit=None) -> threadin
 
     _WATCHDOG = threading.Thread(target=watch, name="lctrain-parent-watchdog", daemon=True)
     _WATCHDOG.start()
+
+    def shut_down(thread: threading.Thread = _WATCHDOG) -> None:
+        # a daemon thread still alive at interpreter teardown is ended with pthread_exit, which
+        # aborts the process ("terminate called without an active exception") once torch's C++
+        # runtime is loaded: stop and join it first
+        stop.set()
+        thread.join(timeout=2 * interval_s + 1.0)
+
+    atexit.register(shut_down)
     return _WATCHDOG
 
 
