@@ -4,7 +4,8 @@
 --nproc_per_node=2 launch/train.py parallel.cp_degree=2 parallel.cp_impl=ring|ulysses``, for each
 recipe in ``--recipes`` (default ``transformer gdn hybrid_gdn_3to1``, scale ``cpu``) and each
 ``--seq-lens`` (one sequence of that many tokens per step: ``train.global_batch_size=1``),
-``--steps`` optimizer steps, no validation, ``OMP_NUM_THREADS=1`` per rank (one rank stands for
+``--steps`` optimizer steps, no validation, a warm data cache (``runs/.cache/data``, filled by a
+first unmeasured run), ``OMP_NUM_THREADS=1`` per rank (one rank stands for
 one device, so cp=2 uses both cores of a 2-core machine and cp=1 one). From each run's
 ``summary.json``: ``peak_rss_mib`` (each rank's ``getrusage(RUSAGE_SELF).ru_maxrss``,
 all-reduced max: the memory the largest rank needed, runtime included) and ``tokens_per_s``
@@ -170,7 +171,8 @@ def _train_command(recipe: str, seq_len: int, config: str, steps: int, out_dir: 
         f"recipe={recipe}", "scale=cpu", f"data.seq_len={seq_len}", f"train.max_steps={steps}",
         "train.global_batch_size=1", "train.micro_batch_size=1", "train.eval_every=0", "data.val_fraction=0",
         "train.checkpoint_every=0", "train.keep_last=1", f"train.out_dir={out_dir}", "train.resume=none",
-        "train.progress=false", "train.tensorboard=false", *extra,
+        "train.progress=false", "train.tensorboard=false", f"data.cache_dir={ROOT / 'runs' / '.cache' / 'data'}",
+        *extra,
     ]
     if cp == 1:
         return [sys.executable, str(ROOT / "launch" / "train.py"), *args]
@@ -196,6 +198,9 @@ def main_train(args) -> dict:
     t_start = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
+        # warm the data cache (tokenizer, token streams, prepared manifest) so no measured run builds it
+        warm = _train_command(args.recipes[0], 512, "cp1", 1, Path(tmp) / "warm", args.extra)
+        subprocess.run(warm, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
         for recipe in args.recipes:
             for T in args.seq_lens:
                 for config in args.configs:

@@ -3,12 +3,13 @@
 Each table sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` in README.md and
 is written only from a results file, so every number in it has a JSON behind it::
 
-    python benchmarks/readme_results.py          # rewrite README.md
-    python benchmarks/readme_results.py --check  # exit 1 if README.md is out of date (a test runs this)
+    python benchmarks/readme_results.py          # rewrite README.md (and docs/context_parallel.md)
+    python benchmarks/readme_results.py --check  # exit 1 if a page is out of date (a test runs this)
 
 Tables: ``quickstart`` and ``mixers`` from ``compare_mixers_cpu.json``
-(``benchmarks/compare_mixers.py``), ``bam`` from ``bam_cpu.json`` and ``recall`` from
-``recall_vs_ratio_cpu.json`` when those files exist.
+(``benchmarks/compare_mixers.py``), ``bam`` from ``bam_cpu.json``, ``recall`` from
+``recall_vs_ratio_cpu.json`` and ``cp_train`` from ``context_parallel_train_cpu.json``
+(``benchmarks/context_parallel.py``) when those files exist.
 """
 
 from __future__ import annotations
@@ -107,14 +108,59 @@ def recall_table() -> str | None:
     d = _load("recall_vs_ratio_cpu.json")
     if not d or "runs" not in d:
         return None
-    lines = ["| model | pattern | MQAR accuracy | val loss (answers) | params | train s |", "|---|---|---|---|---|---|"]
+    text = any("text_val_loss" in r for r in d["runs"])
+    head = "| model | pattern | MQAR accuracy | val loss (answers) | params | train s |"
+    rule = "|---|---|---|---|---|---|"
+    if text:
+        head, rule = head + " text val loss | text val ppl |", rule + "---|---|"
+    lines = [head, rule]
     for r in d["runs"]:
-        lines.append(f"| {r['ratio']} | `{r['pattern']}` | {r['accuracy']:.3f} | {r['final_val_loss']:.3f} | "
-                     f"{r['num_params'] / 1e6:.2f} M | {r['train_time_s']:.0f} |")
+        line = (f"| {r['ratio']} | `{r['pattern']}` | {r['accuracy']:.3f} | {r['final_val_loss']:.3f} | "
+                f"{r['num_params'] / 1e6:.2f} M | {r['train_time_s']:.0f} |")
+        if text:
+            line += f" {r['text_val_loss']:.3f} | {r['text_val_ppl']:.1f} |" if "text_val_loss" in r else " - | - |"
+        lines.append(line)
     return "\n".join(lines)
 
 
-TABLES = {"quickstart": quickstart_table, "mixers": mixers_table, "bam": bam_table, "recall": recall_table}
+def cp_train_table() -> str | None:
+    d = _load("context_parallel_train_cpu.json")
+    if not d or "rows" not in d:
+        return None
+    rows = {(r["recipe"], r["seq_len"], r["config"]): r for r in d["rows"]}
+    configs = [c for c in ("ring", "ulysses") if any(k[2] == c for k in rows)]
+    head = "| recipe | tokens | cp=1 peak MiB | cp=1 tokens/s |" + "".join(
+        f" cp=2 {c} peak MiB (x cp=1) | cp=2 {c} tokens/s (x cp=1) |" for c in configs)
+    lines = [head, "|---|---|---|---|" + "---|---|" * len(configs)]
+    for (recipe, T, config), base in rows.items():
+        if config != "cp1":
+            continue
+        line = f"| `{recipe}` | {T} | {base['peak_rss_mib']:.0f} | {base['tokens_per_s']:.0f} |"
+        for c in configs:
+            r = rows.get((recipe, T, c))
+            line += (f" {r['peak_rss_mib']:.0f} ({r['peak_ratio']:.2f}x) | {r['tokens_per_s']:.0f} "
+                     f"({r['tokens_per_s_ratio']:.2f}x) |" if r else " - | - |")
+        lines.append(line)
+    fits = [f for f in d.get("max_seq_len_fits", []) if f["max_seq_len_under_cap"]]
+    if fits:
+        cap = fits[0]["mem_cap_mib"]
+        by = {}
+        for f in fits:
+            by.setdefault(f["recipe"], {})[f["config"]] = f["max_seq_len_under_cap"]
+        parts = []
+        for recipe, v in by.items():
+            cells = ", ".join(f"{c} {n // 1024}K" for c, n in v.items())
+            parts.append(f"`{recipe}` {cells}")
+        lines += ["", f"Longest sequence under {cap / 1024:.0f} GiB per rank (straight line through the measured "
+                      f"peaks): " + "; ".join(parts) + "."]
+    g = d.get("gdn_over_attention_peak_cp1")
+    if g is not None:
+        lines.append(f"All-GDN peak / all-attention peak at cp=1, {d['config']['target_len']} tokens: {g:.2f}x.")
+    return "\n".join(lines)
+
+
+TABLES = {"quickstart": quickstart_table, "mixers": mixers_table, "bam": bam_table, "recall": recall_table,
+          "cp_train": cp_train_table}
 
 
 def render(readme: str) -> str:
@@ -127,20 +173,29 @@ def render(readme: str) -> str:
     return readme
 
 
+DOCS = [REPO / "docs" / "context_parallel.md"]  # other pages with marked tables
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--check", action="store_true", help="exit 1 when README.md differs from the regenerated one")
+    ap.add_argument("--check", action="store_true", help="exit 1 when a page differs from the regenerated one")
     ap.add_argument("--readme", default=str(REPO / "README.md"))
     args = ap.parse_args()
-    path = Path(args.readme)
-    old = path.read_text()
-    new = render(old)
-    if args.check:
-        if new != old:
-            print("README.md result tables are out of date: run python benchmarks/readme_results.py", file=sys.stderr)
-            return 1
-        return 0
-    path.write_text(new)
+    stale = []
+    for path in [Path(args.readme), *DOCS]:
+        if not path.exists():
+            continue
+        old = path.read_text()
+        new = render(old)
+        if args.check:
+            if new != old:
+                stale.append(path.name)
+        else:
+            path.write_text(new)
+    if stale:
+        print(f"result tables out of date in {', '.join(stale)}: run python benchmarks/readme_results.py",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -31,6 +31,7 @@ writes the JSON and a PNG next to it (same name, ``.png``). Extra ``key=value`` 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import platform
@@ -67,6 +68,7 @@ def main() -> None:
     ap.add_argument("--eval-examples", type=int, default=512)
     ap.add_argument("--text-steps", type=int, default=0, help="also train on pd_english for this many steps")
     ap.add_argument("--only", default="", help="comma list of model names to run (default all)")
+    ap.add_argument("--jobs", type=int, default=1, help="models trained at the same time (one process each)")
     ap.add_argument("--plot-only", action="store_true", help="only redraw the PNG from an existing --out JSON")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every training run")
     args = ap.parse_args()
@@ -79,10 +81,8 @@ def main() -> None:
     py = sys.executable
     only = set(args.only.split(",")) if args.only else None
     t_all = time.perf_counter()
-    results = []
-    for name, recipe, pattern, n_attn in MODELS:
-        if only and name not in only:
-            continue
+
+    def one(name: str, recipe: str, pattern: str, n_attn: int) -> dict:
         run_dir = work / name
         train_cmd = [py, "launch/train.py", f"recipe={recipe}", f"train.out_dir={run_dir}", "train.resume=none",
                      "train.progress=false", "train.tensorboard=false", *args.overrides]
@@ -122,15 +122,20 @@ def main() -> None:
             ts = json.loads((text_dir / "summary.json").read_text())
             row.update(text_command=" ".join(text_cmd[1:]), text_time_s=round(t_text, 1),
                        text_val_loss=ts["final_val_loss"], text_val_ppl=ts["final_val_ppl"])
-        results.append(row)
         print(f"[recall_vs_ratio] {name}: accuracy {row['accuracy']:.3f}, val loss {row['final_val_loss']:.3f}, "
               f"train {t_train:.0f}s, eval {t_eval:.0f}s", flush=True)
+        return row
+
+    chosen = [m for m in MODELS if not only or m[0] in only]
+    # each run is one process with OMP_NUM_THREADS threads: --jobs of them share the machine's cores
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = list(pool.map(lambda m: one(*m), chosen))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "recall_vs_ratio", "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "total_time_s": round(time.perf_counter() - t_all, 1), "machine": platform.platform(),
-        "cpu_count": os.cpu_count(), "omp_num_threads": env["OMP_NUM_THREADS"],
+        "cpu_count": os.cpu_count(), "omp_num_threads": env["OMP_NUM_THREADS"], "jobs": args.jobs,
         "paper_ruler_340m": PAPER_RULER, "runs": results,
     }
     out.write_text(json.dumps(report, indent=1))
