@@ -35,6 +35,7 @@ import concurrent.futures
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -84,6 +85,8 @@ def main() -> None:
 
     def one(name: str, recipe: str, pattern: str, n_attn: int) -> dict:
         run_dir = work / name
+        for stale in (run_dir, work / f"{name}_text"):  # an earlier run's eval history would be appended to
+            shutil.rmtree(stale, ignore_errors=True)
         train_cmd = [py, "launch/train.py", f"recipe={recipe}", f"train.out_dir={run_dir}", "train.resume=none",
                      "train.progress=false", "train.tensorboard=false", *args.overrides]
         eval_cmd = [py, "launch/eval.py", f"run={run_dir}", "task=mqar", f"num_examples={args.eval_examples}",
