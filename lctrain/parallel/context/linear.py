@@ -106,7 +106,9 @@ def state_passing(
     for i, cont in zip(first_idx, continues):
         if cont:
             init[i] = eye
-    zeros_v = q.new_zeros(1, B * Tl, H, K, dtype=v.dtype)  # the kernel's dtype (bf16 on GPU)
+    # v = 0 of the kernel's dtype (bf16 on GPU); an expanded scalar holds no [T, H, K] buffer while the
+    # recompute closure waits for backward
+    zeros_v = q.new_zeros((), dtype=v.dtype).expand(1, B * Tl, H, K)
 
     def transition(q_, k_, *g_):
         return kernel(q_, k_, zeros_v, *g_, initial_state=init, cu_seqlens=cu_local)
