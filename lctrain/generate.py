@@ -360,24 +360,9 @@ def _moa_init(m: MoAttention, batch: int, device, dtype) -> KVCache:
 
 def _moa_step(m: MoAttention, x: torch.Tensor, cache: KVCache, position: int) -> tuple[torch.Tensor, KVCache]:
     """MoA: expert gate from the new tokens, every expert's heads over the shared cache, gated sum."""
-    B, t, _ = x.shape
-    N, Hq, Hkv, Dh = m.num_experts, m.heads_per_expert, m.num_kv_heads, m.head_dim
     _, _, gate, _ = m.route(x)
-    q = m.q_proj(x).view(B, t, N * Hq, Dh)
-    k = m.k_proj(x).view(B, t, -1, Dh)
-    v = m.v_proj(x).view(B, t, -1, Dh)
-    q, k = m.rope(q, k, _positions(x, position))
-    reorder = m.kv_shared and Hkv > 1
-    if reorder:  # the layer's (expert, kv head, head) -> (kv head, expert, head) order for GQA
-        q = q.view(B, t, N, Hkv, Hq // Hkv, Dh).transpose(2, 3).reshape(B, t, N * Hq, Dh)
-    o = _attn_core(m, q, k, v, cache, position)
-    if reorder:
-        o = o.view(B, t, Hkv, N, Hq // Hkv, Dh).transpose(2, 3)
-    o = o.reshape(B, t, N, Hq, Dh)
-    if m.g_proj is not None:
-        o = o * torch.sigmoid(m.g_proj(x)).view(B, t, N, Hq, Dh)
-    o = o * gate.view(B, t, N, 1, 1).to(o.dtype)
-    return m.o_proj(o.reshape(B, t, N * Hq * Dh)), cache
+    q, k, v = m.project_qkv(x, _positions(x, position))
+    return m.merge_heads(_attn_core(m, q, k, v, cache, position), x, gate), cache
 
 
 register_decoder(GatedDeltaNet, _gdn_init, _gdn_step)

@@ -308,6 +308,38 @@ class MoAttention(nn.Module):
         return logits, probs, gate, selected
 
     # ------------------------------------------------------------------ forward
+    def project_qkv(
+        self, x: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``q [B,T,N*Hq,Dh], k, v [B,T,Hk,Dh]`` of ``x [B,T,D]`` after RoPE, q in attention head order.
+
+        With a shared K/V and ``num_kv_heads > 1`` the query heads are reordered from the layer's
+        (expert, kv head, head) to (kv head, expert, head), so GQA pairs each with its K/V head
+        (:meth:`merge_heads` undoes it). Shared by :meth:`forward` and cached decoding.
+        """
+        B, T, _ = x.shape
+        N, Hq, Hkv, Dh = self.num_experts, self.heads_per_expert, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, N * Hq, Dh)
+        k = self.k_proj(x).view(B, T, -1, Dh)
+        v = self.v_proj(x).view(B, T, -1, Dh)
+        q, k = self.rope(q, k, position_ids)
+        if self.kv_shared and Hkv > 1:
+            q = q.view(B, T, N, Hkv, Hq // Hkv, Dh).transpose(2, 3).reshape(B, T, N * Hq, Dh)
+        return q, k, v
+
+    def merge_heads(self, o: torch.Tensor, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """``[B,T,D]`` from attention output ``o [B,T,N*Hq,Dh]`` (head order of :meth:`project_qkv`):
+        the output gate, each expert weighted by ``gate [B,T,N]``, summed by ``o_proj``."""
+        B, T = x.shape[:2]
+        N, Hq, Hkv, Dh = self.num_experts, self.heads_per_expert, self.num_kv_heads, self.head_dim
+        if self.kv_shared and Hkv > 1:
+            o = o.view(B, T, Hkv, N, Hq // Hkv, Dh).transpose(2, 3)
+        o = o.reshape(B, T, N, Hq, Dh)
+        if self.g_proj is not None:
+            o = o * torch.sigmoid(self.g_proj(x)).view(B, T, N, Hq, Dh)
+        o = o * gate.view(B, T, N, 1, 1).to(o.dtype)
+        return self.o_proj(o.reshape(B, T, N * Hq * Dh))
+
     def forward(
         self,
         x: torch.Tensor,
@@ -317,26 +349,12 @@ class MoAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"MoAttention(d_model={self.d_model}) expects x [B, T, {self.d_model}], got {tuple(x.shape)}")
         B, T, _ = x.shape
-        N, Hq, Hkv, Dh = self.num_experts, self.heads_per_expert, self.num_kv_heads, self.head_dim
+        N = self.num_experts
         if position_ids is None:
             position_ids = default_position_ids(B, T, cu_seqlens, x.device)
         logits, probs, gate, selected = self.route(x)
-
-        q = self.q_proj(x).view(B, T, N * Hq, Dh)
-        k = self.k_proj(x).view(B, T, -1, Dh)
-        v = self.v_proj(x).view(B, T, -1, Dh)
-        q, k = self.rope(q, k, position_ids)
-        reorder = self.kv_shared and Hkv > 1
-        if reorder:  # (expert, kv head, head in group) -> (kv head, expert, head in group)
-            q = q.view(B, T, N, Hkv, Hq // Hkv, Dh).transpose(2, 3).reshape(B, T, N * Hq, Dh)
-        o = self.attn_op(q, k, v, cu_seqlens)
-        if reorder:
-            o = o.view(B, T, Hkv, N, Hq // Hkv, Dh).transpose(2, 3)
-        o = o.reshape(B, T, N, Hq, Dh)
-        if self.g_proj is not None:
-            o = o * torch.sigmoid(self.g_proj(x)).view(B, T, N, Hq, Dh)
-        o = o * gate.view(B, T, N, 1, 1).to(o.dtype)
-        y = self.o_proj(o.reshape(B, T, N * Hq * Dh))
+        q, k, v = self.project_qkv(x, position_ids)
+        y = self.merge_heads(self.attn_op(q, k, v, cu_seqlens), x, gate)
 
         if self.training and torch.is_grad_enabled():
             cfg = self.cfg
