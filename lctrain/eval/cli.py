@@ -26,7 +26,6 @@ input (the message says which).
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -86,25 +85,6 @@ def split_task_params(names: list[str], params: dict[str, str]) -> list[tuple[st
     return specs
 
 
-def _init_data_parallel(device: str) -> tuple[int, int, str]:
-    """``(rank, world, device)``: under torchrun (``WORLD_SIZE > 1``) the process group is started
-    (NCCL on GPUs with ``device`` ``auto``/``cuda``, else gloo) and ``cuda`` means this rank's GPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    import torch
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    on_gpu = torch.cuda.is_available() and device in ("auto", "cuda")
-    if on_gpu:
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if on_gpu else "gloo")
-    return dist.get_rank(), world, device
-
-
 def eval_main(argv: list[str]) -> int:
     """``launch/eval.py``: run tasks on a trained run; returns the exit code."""
     if any(a in ("-h", "--help") for a in argv):
@@ -125,7 +105,13 @@ def eval_main(argv: list[str]) -> int:
         device, dtype = args.pop("device", "auto"), args.pop("dtype", "fp32")
         specs = split_task_params(names, args)
         t0 = time.perf_counter()
-        rank, world, device = _init_data_parallel(device)
+        from lctrain.config import ParallelConfig
+        from lctrain.parallel.mesh import init_distributed
+
+        env = init_distributed(ParallelConfig())  # torchrun's ranks (NCCL on GPUs, gloo on CPU), or one process
+        rank, world = env.rank, env.world_size
+        if world > 1 and env.device.type == "cuda" and device in ("auto", "cuda"):
+            device = str(env.device)  # this rank's GPU
         run = load_run(run_dir, checkpoint, device, dtype)
         meta = {"run": str(run_dir), "checkpoint": str(run.checkpoint) if run.checkpoint else None, "step": run.step,
                 "world_size": world}
@@ -146,10 +132,9 @@ def eval_main(argv: list[str]) -> int:
         return 2
     finally:
         if world > 1:
-            import torch.distributed as dist
+            from lctrain.parallel.mesh import destroy
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            destroy()
     return 0
 
 
