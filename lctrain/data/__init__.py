@@ -34,7 +34,6 @@ from lctrain.data.packing import (
     collate_packed,
     load_or_pack,
     stream_dtype,
-    token_cache_path,
 )
 from lctrain.data.sampler import DistributedBatchSampler
 from lctrain.data.tokenizer import Tokenizer, atomic_write, check_vocab, load_tokenizer, train_tokenizer
@@ -160,9 +159,10 @@ def build_data(
             len(train_docs), train_ds.num_tokens, len(train_ds), seq_len, len(val_docs),
             len(val_ds), tokenizer.vocab_size, time.perf_counter() - t0,
         )
-    if manifest is not None and tokenizer.path is not None:
-        record = {"tokenizer": str(tokenizer.path), "train": str(token_cache_path(train_docs, tokenizer, cache, "train")),
-                  "val": str(token_cache_path(val_docs, tokenizer, cache, "val")) if val_docs else None}
+    # the memory-mapped streams know their cache files (no second hash of the documents)
+    train_file, val_file = getattr(train_tokens, "filename", None), getattr(val_tokens, "filename", None)
+    if manifest is not None and tokenizer.path is not None and train_file and (val_file or not val_docs):
+        record = {"tokenizer": str(tokenizer.path), "train": str(train_file), "val": str(val_file) if val_docs else None}
         atomic_write(manifest, lambda f: f.write(json.dumps(record).encode()))
     return tokenizer, train_ds, val_ds
 
@@ -184,12 +184,12 @@ def _prepared_manifest_path(data_cfg: Any, vocab_size: int, cache: Path) -> Path
         return None
     files = _files_in(resolved) if resolved.is_dir() else [resolved]
     tok = str(data_cfg.tokenizer)
-    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     if tok != "auto":
         t = Path(tok).expanduser()
         if not t.is_file():
             return None
-        stats.append((str(t.resolve()), t.stat().st_size, t.stat().st_mtime_ns))
+        files = [*files, t]
+    stats = [(str(f.resolve()), st.st_size, st.st_mtime_ns) for f in files for st in (f.stat(),)]
     key = json.dumps({"v": _PREPARED_VERSION, "files": stats, "text_key": data_cfg.text_key, "split": data_cfg.split,
                       "filter": str(getattr(data_cfg, "filter", "") or ""), "val_fraction": data_cfg.val_fraction,
                       "seed": data_cfg.seed, "tokenizer": tok, "vocab_size": int(vocab_size)}, sort_keys=True)
