@@ -41,6 +41,14 @@ def small_corpus(tmp_path_factory) -> Path:
     return out
 
 
+def set_dotted(obj, key: str, value) -> None:
+    """``obj.a.b.c = value`` for ``key="a.b.c"`` (overrides on nested config dataclasses in tests)."""
+    *path, name = key.split(".")
+    for part in path:
+        obj = getattr(obj, part)
+    setattr(obj, name, value)
+
+
 def tiny_overrides(out_dir: Path, corpus: Path, cache_dir: Path, **extra) -> list[str]:
     """Overrides for a seconds-long hybrid run on ``corpus`` (4 layers GGGA, d_model 64)."""
     items = {

@@ -19,6 +19,7 @@ from lctrain.generate import (
 )
 from lctrain.layers.moe import MoEConfig
 from lctrain.models import HybridLM
+from tests.conftest import set_dotted
 
 TOL = 1e-5  # relative RMS, fp32
 
@@ -33,11 +34,7 @@ def tiny_cfg(pattern: str, n_layers: int = 1, **over) -> ModelConfig:
     c.moh.num_heads, c.moh.num_kv_heads, c.moh.head_dim = 4, 2, 8
     c.moa.num_experts, c.moa.top_k, c.moa.head_dim = 3, 2, 8
     for key, value in over.items():
-        obj = c
-        *path, name = key.split(".")
-        for part in path:
-            obj = getattr(obj, part)
-        setattr(obj, name, value)
+        set_dotted(c, key, value)
     return c
 
 

@@ -43,7 +43,7 @@ from lctrain.export.qwen3_next import (
 )
 from lctrain.generate import decode_consistency, generate
 from lctrain.models import HybridLM
-from tests.conftest import BUILTIN
+from tests.conftest import BUILTIN, set_dotted
 
 TOL = 1e-4  # max |logit difference| / max |logit|, fp32
 
@@ -61,11 +61,7 @@ def qwen_cfg(**over) -> ModelConfig:
     m.moe.layers = "0,1,3"  # block 2 keeps a dense SwiGLU (mlp_only_layers=[2])
     m.ffn_hidden_size = 40
     for key, value in over.items():
-        obj = m
-        *path, name = key.split(".")
-        for part in path:
-            obj = getattr(obj, part)
-        setattr(obj, name, value)
+        set_dotted(m, key, value)
     return m
 
 
