@@ -175,6 +175,8 @@ class DDPDataParallel(DataParallel):
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             process_group=self.mesh.get_group(),
             broadcast_buffers=False,
+            # gradients are views into the all-reduce buckets: no second copy of every gradient
+            gradient_as_bucket_view=True,
         )
         return self.model
 

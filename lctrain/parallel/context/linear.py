@@ -10,13 +10,15 @@ Linear Attention and Its Hybrid", 2025) on the zigzag chunks:
 * Gated DeltaNet: ``A_t = exp(g_t) (I - beta_t k_t k_t^T)``, ``b_t = beta_t k_t v_t^T``.
 * Lightning attention: ``A_t = exp(-slope) I``, ``b_t = k_t v_t^T``.
 
-Two kernel calls per rank give everything: the ordinary one from a zero state (``o^0``, ``S^0``)
-and a transition call with ``v = 0`` and the state starting from the identity, whose state
-evolves as ``P_t`` (final state ``M``) and whose outputs are ``P_t^T (scale q_t)``; their product
-with ``S_in`` is the correction. The transition call is recomputed in backward
-(``torch.utils.checkpoint``), so context parallelism adds no stored activations beyond ``[T, K]``
-outputs and the ``[K, K]`` transitions. Each rank all-gathers ``(S^0, M)`` of its two chunks (differentiable, fp32), chains
-the ``2P`` chunks in sequence order (``S_in(c+1) = M_c S_in(c) + S^0_c``) and corrects its outputs.
+Two kernel calls per rank. The value columns of the state evolve independently, so a *state
+pass* with values ``[v | 0]`` from the state ``[0 | I]`` has final state ``[S^0 | M]`` (its
+outputs are discarded; it is recomputed in backward with ``torch.utils.checkpoint``, so it keeps
+no activations). Each rank all-gathers ``(S^0, M)`` of its two chunks (differentiable, fp32),
+chains the ``2P`` chunks in sequence order (``S_in(c+1) = M_c S_in(c) + S^0_c``), and the
+*output pass*, the ordinary call started from ``S_in`` on each chunk, gives its outputs exactly.
+Context parallelism thus stores nothing beyond what the single-device layer stores (the output
+pass's own saved tensors) and the small ``[K, V+K]`` states; the price is the state pass, a
+kernel call on ``V + K`` value columns, in forward and again in backward.
 
 Document boundaries (global ``cu_seqlens``) split chunks into pieces passed to the kernel as
 separate sequences; only a chunk's first piece continues the state of the previous chunk, and a
@@ -77,7 +79,6 @@ def state_passing(
     H, V = v.shape[2], v.shape[3]  # state heads follow the value heads (grouped value heads allowed)
     P = cp.degree
     T = Tl * P
-    c = Tl // 2
     dev = q.device
     chunks = cp.chunk_ids()
     lengths, first_idx, last_idx, single = [], [], [], []
@@ -96,32 +97,28 @@ def state_passing(
     cu_local = cu_local.to(dev)
     flat = lambda t: t.reshape(1, B * Tl, *t.shape[2:])
     gates = tuple(flat(t) for t in per_token)
-    # main pass, zero incoming state: outputs o^0 and each piece's final state S^0
-    o0, final = kernel(flat(q), flat(k), flat(v), *gates, initial_state=None, cu_seqlens=cu_local)
-    # transition pass: v = 0 and S_0 = I on continuing first pieces gives P_t^T (scale q_t) as
-    # output and M as final state. It exists only because of context parallelism, so it is
+    # state pass: value columns evolve independently, so one call with values [v | 0] from the
+    # state [0 | I] (identity on continuing first pieces) gives every piece's final [S^0 | M]. Only
+    # those states are used; the call exists only because of context parallelism, so it is
     # recomputed in backward (activation checkpointing) instead of keeping its activations.
-    init = torch.zeros(N, H, K, K, dtype=torch.float32, device=dev)
+    init = torch.zeros(N, H, K, V + K, dtype=torch.float32, device=dev)
     eye = torch.eye(K, dtype=torch.float32, device=dev)
     for i, cont in zip(first_idx, continues):
         if cont:
-            init[i] = eye
-    # v = 0 of the kernel's dtype (bf16 on GPU); an expanded scalar holds no [T, H, K] buffer while the
-    # recompute closure waits for backward
-    zeros_v = q.new_zeros((), dtype=v.dtype).expand(1, B * Tl, H, K)
+            init[i, :, :, V:] = eye
 
-    def transition(q_, k_, *g_):
-        return kernel(q_, k_, zeros_v, *g_, initial_state=init, cu_seqlens=cu_local)
+    def final_states(q_, k_, v_, *g_):
+        v_aug = torch.cat((v_, v_.new_zeros(()).expand(*v_.shape[:-1], K)), -1)
+        return kernel(q_, k_, v_aug, *g_, initial_state=init, cu_seqlens=cu_local)[1]
 
     if torch.is_grad_enabled():
-        px, final_t = checkpoint(transition, flat(q), flat(k), *gates, use_reentrant=False)
+        final = checkpoint(final_states, flat(q), flat(k), flat(v), *gates, use_reentrant=False)
     else:
-        px, final_t = transition(flat(q), flat(k), *gates)
-    o0 = o0.reshape(B, Tl, H, V).float()
-    px = px.reshape(B, Tl, H, K).float()
-    s0 = final.float()[torch.tensor(last_idx, device=dev)]  # [B*2, H, K, V]
+        final = final_states(flat(q), flat(k), flat(v), *gates)
+    final = final.float()
+    s0 = final[torch.tensor(last_idx, device=dev), ..., :V]  # [B*2, H, K, V]
     keep = torch.tensor(single, device=dev).float()[:, None, None, None]
-    m = final_t.float()[torch.tensor(first_idx, device=dev)] * keep  # [B*2, H, K, K]
+    m = final[torch.tensor(first_idx, device=dev), ..., V:] * keep  # [B*2, H, K, K]
     mine = torch.cat((s0, m), -1).reshape(B, 2, H, K, V + K)
     every = all_gather_stack(mine, cp.group)  # [P, B, 2, H, K, V+K], fp32
     S = torch.zeros(B, H, K, V, dtype=torch.float32, device=dev)
@@ -131,11 +128,15 @@ def state_passing(
         owner, slot = (ch, 0) if ch < P else (2 * P - 1 - ch, 1)
         x = every[owner, :, slot]
         S = x[..., V:] @ S + x[..., :V]
-    outs = []
-    for j, ch in enumerate(chunks):
-        sl = slice(j * c, (j + 1) * c)  # px is zero outside a chunk's continuing first piece
-        outs.append(o0[:, sl] + torch.einsum("bthk,bhkv->bthv", px[:, sl], s_in[ch]))
-    return torch.cat(outs, 1).to(v.dtype)
+    # output pass: the ordinary call, started from the exact incoming state on each continuing
+    # first piece (zero on pieces that start a document), gives this rank's outputs directly
+    starts = torch.stack([s_in[ch][b] for b in range(B) for ch in chunks])  # [B*2, H, K, V], first_idx order
+    starts = starts * torch.tensor(continues, device=dev).float()[:, None, None, None]
+    s_start = torch.zeros(N, H, K, V, dtype=torch.float32, device=dev).index_put(
+        (torch.tensor(first_idx, device=dev),), starts
+    )
+    o, _ = kernel(flat(q), flat(k), flat(v), *gates, initial_state=s_start, cu_seqlens=cu_local)
+    return o.reshape(B, Tl, H, V).to(v.dtype)
 
 
 def cp_gated_delta_rule(
