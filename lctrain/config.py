@@ -199,6 +199,8 @@ class TrainConfig:
     allow_data_change: bool = False
     # fix glibc's mmap threshold (MiB) so freed activations leave the process (lctrain.train.host_memory); 0: glibc's
     malloc_mmap_threshold_mib: int = 4
+    # CPU: hand the heap's free pages back to the system before each backward (glibc malloc_trim; host_memory)
+    malloc_trim: bool = True
     eval_every: int = 50
     eval_batches: int = 4
     # names of lctrain.eval tasks run at each evaluation ("mqar", "passkey?lengths=256,512", ...)

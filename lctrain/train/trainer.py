@@ -49,7 +49,7 @@ from lctrain.train.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from lctrain.train.host_memory import peak_rss_mib, set_malloc_mmap_threshold
+from lctrain.train.host_memory import peak_rss_mib, release_free_heap, set_malloc_mmap_threshold
 from lctrain.train.metrics import (
     MetricsLogger,
     RoutingHistory,
@@ -383,6 +383,8 @@ class Trainer:
         for i, batch in enumerate(micro):
             with self.dp.no_sync(enabled=i < len(micro) - 1):
                 ls = self.forward_loss_sum(batch)
+                if self.cfg.train.malloc_trim and self.device.type == "cpu":
+                    release_free_heap()  # the step's peak comes next: the forward's freed heap pages go first
                 self.dp.backward(self.dp.scale_loss(ls, global_tokens))
             loss_sum += float(ls.detach())
         self.dp.finish_backward()
