@@ -27,6 +27,7 @@ from lctrain.errors import ConfigError
 from lctrain.kernels.moba import moba_selected_fraction
 from lctrain.kernels.ops import MoBAAttentionOp
 from lctrain.layers.attention import Attention, AttentionConfig
+from lctrain.layers.routing import is_recomputing
 
 
 @dataclass
@@ -98,7 +99,7 @@ class MoBAAttention(Attention):
         self.attended_stats = torch.zeros(2, dtype=torch.float64)  # [sum of attended fractions, forward calls]
 
     def forward(self, x, position_ids=None, cu_seqlens=None):
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and not is_recomputing():
             T = int(cu_seqlens[-1]) if cu_seqlens is not None else x.shape[1]
             frac = moba_selected_fraction(T, self.block_size, self.top_k, cu_seqlens, unit="keys")
             self.attended_stats += torch.tensor([frac, 1.0], dtype=torch.float64)

@@ -76,7 +76,13 @@ from lctrain.kernels.dispatch import check_kernels
 from lctrain.kernels.ops import SoftmaxAttentionOp
 from lctrain.layers.attention import AttentionConfig
 from lctrain.layers.rope import RotaryEmbedding, default_position_ids
-from lctrain.layers.routing import AuxLossScaler, RoutingStats, load_balancing_loss, topk_route
+from lctrain.layers.routing import (
+    AuxLossScaler,
+    RoutingStats,
+    is_recomputing,
+    load_balancing_loss,
+    topk_route,
+)
 
 __all__ = [
     "HeadRouting", "MoHAttention", "MoHConfig", "build_moh", "moh_balance_loss", "moh_flops_per_token",
@@ -446,6 +452,8 @@ class MoHAttention(nn.Module):
 
     @torch.no_grad()
     def _count_heads(self, routing: HeadRouting, device: torch.device) -> None:
+        if is_recomputing():  # activation checkpointing re-running the forward: counted already
+            return
         if self.head_counts.device != device:
             meta = self.head_counts.is_meta
             self.head_counts = torch.zeros_like(self.head_counts, device=device) if meta else self.head_counts.to(device)

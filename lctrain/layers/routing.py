@@ -25,16 +25,44 @@ Step statistics: a routed layer accumulates a :class:`RoutingStats` over the mic
 optimizer step (device tensors only, no host sync); the trainer reduces them over ranks with
 ``routing_step`` of the training metrics, which then calls the layer's ``after_step`` (e.g. the
 bias update) and resets them. A routed layer is any module with a ``routing_stats`` attribute
-holding a :class:`RoutingStats` (see :func:`routed_layers`).
+holding a :class:`RoutingStats` (see :func:`routed_layers`). A forward that activation
+checkpointing re-runs in backward counts nothing (:func:`recomputing`), so every statistic counts
+each micro-batch once with or without checkpointing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def recomputing() -> Iterator[None]:
+    """Mark a forward as a recomputation (activation checkpointing re-running it in backward).
+
+    Layers' step statistics (:meth:`RoutingStats.add`, MoH head counts, MoBA attended fractions)
+    skip counting inside it: the original forward already counted those tokens. Re-entrant;
+    thread-local (autograd may run backward on another thread).
+    """
+    depth = getattr(_state, "depth", 0)
+    _state.depth = depth + 1
+    try:
+        yield
+    finally:
+        _state.depth = depth
+
+
+def is_recomputing() -> bool:
+    """True inside :func:`recomputing`."""
+    return getattr(_state, "depth", 0) > 0
 
 
 def router_scores(logits: torch.Tensor, score_func: str) -> torch.Tensor:
@@ -171,7 +199,12 @@ class RoutingStats:
     @torch.no_grad()
     def add(self, topk_idx: torch.Tensor, aux_loss: torch.Tensor, z_loss: torch.Tensor,
             dropped: torch.Tensor | None = None) -> None:
-        """Count one forward call: ``topk_idx`` int [S, K] selections, weighted losses, dropped slots."""
+        """Count one forward call: ``topk_idx`` int [S, K] selections, weighted losses, dropped slots.
+
+        Nothing is counted during a recomputation (:func:`recomputing`).
+        """
+        if is_recomputing():
+            return
         self.load += torch.bincount(topk_idx.flatten(), minlength=self.num_experts).to(torch.float64)
         self.aux_loss += aux_loss.detach().double()
         self.z_loss += z_loss.detach().double()

@@ -23,6 +23,7 @@ The model code never imports any of this.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -30,7 +31,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lctrain.parallel.context import ContextParallel, apply_context_parallel, build_context_parallel, cp_groups_from_mesh
+from lctrain.layers.routing import recomputing
+from lctrain.parallel.context import (
+    ContextParallel,
+    apply_context_parallel,
+    build_context_parallel,
+    cp_groups_from_mesh,
+)
 from lctrain.parallel.data_parallel import DataParallel, build_data_parallel
 from lctrain.parallel.expert import ExpertParallel, build_expert_parallel, shard_experts
 from lctrain.parallel.mesh import DistEnv, Meshes, ParallelDims
@@ -53,9 +60,14 @@ class Parallelized:
     ep: ExpertParallel | None
 
 
+def _recompute_contexts():
+    # forward as usual; the recomputation in backward marks itself so step statistics count once
+    return contextlib.nullcontext(), recomputing()
+
+
 def _checkpointed(forward, *args, **kwargs):
     if torch.is_grad_enabled():
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, context_fn=_recompute_contexts, **kwargs)
     return forward(*args, **kwargs)
 
 

@@ -175,6 +175,46 @@ def test_activation_checkpointing_same_loss_and_grads():
         assert torch.equal(ckpt(ids), plain(ids))
 
 
+def test_activation_checkpointing_counts_routing_statistics_once():
+    """The recomputed forward in backward counts nothing: MoE loads, MoH/MoA routing stats, MoH head
+    counts and MoBA attended fractions after one training forward + backward equal the plain model's."""
+    from lctrain.layers.moa import MoAConfig
+    from lctrain.layers.moba import MoBAConfig
+    from lctrain.layers.moe import MoEConfig
+    from lctrain.layers.moh import MoHConfig
+    from lctrain.layers.routing import routed_layers
+
+    kw = dict(
+        n_layers=3, layer_pattern="HEM",
+        moh=MoHConfig(num_heads=4, num_kv_heads=2, head_dim=16, num_shared_heads=1, top_k=2),
+        moa=MoAConfig(num_experts=4, top_k=2, head_dim=16),
+        moba=MoBAConfig(num_heads=4, num_kv_heads=2, head_dim=16, block_size=4, top_k=2),
+        moe=MoEConfig(num_experts=4, top_k=2),
+    )
+    torch.manual_seed(0)
+    plain = HybridLM(tiny_cfg(**kw)).train()
+    ckpt = apply_activation_checkpointing(HybridLM(tiny_cfg(**kw)).train())
+    ckpt.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 128, (1, 24))
+    counters = {}
+    for name, model in (("plain", plain), ("ckpt", ckpt)):
+        lm_loss(model(ids), ids).backward()
+        c = {}
+        for n, m in routed_layers(model):
+            c[f"{n}.load"] = m.routing_stats.load.clone()
+            c[f"{n}.calls"] = m.routing_stats.calls.clone()
+        for n, m in model.named_modules():
+            for attr in ("head_counts", "tokens_counted", "attended_stats"):
+                if torch.is_tensor(getattr(m, attr, None)):
+                    c[f"{n}.{attr}"] = getattr(m, attr).clone()
+        counters[name] = c
+    assert len(counters["plain"]) >= 11, sorted(counters["plain"])  # 4 routed layers x 2, MoH x 2, MoBA
+    assert counters["plain"].keys() == counters["ckpt"].keys()
+    for key, ref in counters["plain"].items():
+        assert ref.sum() > 0, key
+        assert torch.equal(counters["ckpt"][key], ref), (key, counters["ckpt"][key], ref)
+
+
 def test_forward_input_errors():
     model = HybridLM(tiny_cfg(n_layers=2, layer_pattern="GA"))
     ids = torch.randint(0, 128, (2, 8))
