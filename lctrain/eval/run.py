@@ -142,8 +142,11 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None, device: str | N
 def run_training_eval(trainer, step: int) -> dict[str, float]:
     """Run ``train.eval_tasks`` on the training model at ``step`` (the trainer's evaluation hook).
 
-    Every rank runs the same examples through the (possibly DDP / FSDP / expert-parallel wrapped)
-    model's full forward, so collective layers stay in step; rank 0 writes
+    With plain data parallelism (DDP over every rank, no expert parallelism) the ranks split the
+    batches and examples as ``torchrun launch/eval.py`` does (DDP's forward without gradients is
+    not collective) and gather the partial results. Otherwise (FSDP, DeepSpeed, expert
+    parallelism: collective forwards) every rank runs every example through the wrapped model's
+    forward, so the collectives stay in step. Rank 0 writes
     ``<out_dir>/eval/step_XXXXXXXX/<task>.json`` and appends the headline figures to
     ``<out_dir>/eval/history.jsonl``. Recall tasks are scored teacher-forced (``mode=forced``).
     Under context parallelism (the model then expects sequence shards) the tasks are skipped with
@@ -166,7 +169,10 @@ def run_training_eval(trainer, step: int) -> dict[str, float]:
             trainer._eval_tasks_cp_warned = True
         return {}
     synthetic = is_synthetic(cfg.data.path)
-    ctx = EvalContext(model=trainer.model, tokenizer=trainer.tokenizer, cfg=cfg, decode_model=None,
+    split = (trainer.env.world_size > 1 and trainer.dims.dp == trainer.env.world_size and trainer.ep is None
+             and cfg.parallel.dp_impl == "ddp")
+    ctx = EvalContext(model=trainer.model, rank=trainer.env.rank if split else 0,
+                      world=trainer.env.world_size if split else 1, tokenizer=trainer.tokenizer, cfg=cfg, decode_model=None,
                       val_tokens=None if synthetic else getattr(trainer.val_set, "tokens", None),
                       val_dataset=trainer.val_set,
                       cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else trainer.out_dir.parent / ".cache" / "data")
@@ -188,7 +194,8 @@ def run_training_eval(trainer, step: int) -> dict[str, float]:
         out = trainer.out_dir / "eval" / f"step_{step:08d}"
         out.mkdir(parents=True, exist_ok=True)
         for r in done:
-            (out / f"{r.name}.json").write_text(json.dumps({**r.result, "meta": {"step": step}}, indent=1, default=str))
+            meta = {"step": step, "eval_ranks": ctx.world}  # ranks that split the examples
+            (out / f"{r.name}.json").write_text(json.dumps({**r.result, "meta": meta}, indent=1, default=str))
         with open(trainer.out_dir / "eval" / "history.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
     return metrics

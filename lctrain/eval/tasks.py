@@ -56,8 +56,9 @@ class EvalContext:
         rank, world: data-parallel evaluation (``torchrun launch/eval.py``): rank ``r`` of ``world``
             scores every ``world``-th batch / example and the partial results are gathered, so
             every rank returns the whole result. The model must then run forwards independently on
-            each rank (a plain model per rank, as ``launch/eval.py`` loads it); the training hook
-            keeps ``world = 1`` (a wrapped model's forwards are collective).
+            each rank (a plain model per rank, as ``launch/eval.py`` loads it, or a DDP model in
+            eval mode); the training hook keeps ``world = 1`` for FSDP, DeepSpeed and expert
+            parallelism (their forwards are collective).
     """
 
     model: Any

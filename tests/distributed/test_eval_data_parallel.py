@@ -66,3 +66,32 @@ def test_two_rank_eval_equals_one_process(text_run, tmp_path):
         _close(_strip(a), _strip(b), task)
         assert (two / f"{task}.png").exists()
     assert json.loads((one / "perplexity.json").read_text())["tokens"] == 3000
+
+
+def test_training_eval_tasks_split_over_ddp_ranks(tmp_path, small_corpus):
+    """``train.eval_tasks`` in a dp=2 DDP run: the two ranks split the examples (an odd number) and
+    the logged figures equal a one-process run's on the same data (same initial weights, so step 0
+    is exact; after the steps the weights agree to float rounding)."""
+    import torch.multiprocessing as mp
+
+    from tests.conftest import fit_worker
+
+    extra = {"train.max_steps": 2, "train.eval_every": 1, "model.vocab_size": 128,
+             "data.path": "'synthetic:mqar?vocab=128&num_pairs=4&num_val=16'",
+             "train.eval_tasks": "[mqar?num_examples=9,perplexity]"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    Trainer(load_config(tiny_overrides(one, small_corpus, tmp_path / "cache", **extra))).fit()
+    mp.start_processes(fit_worker, args=(2, free_port(), tiny_overrides(two, small_corpus, tmp_path / "cache", **extra),
+                                         str(tmp_path / "summary.json")), nprocs=2, start_method="spawn")
+    hist = {}
+    for name, run in (("one", one), ("two", two)):
+        hist[name] = [json.loads(x) for x in (run / "eval" / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in hist["two"]] == [h["step"] for h in hist["one"]] == [0, 1, 2]
+    for a, b in zip(hist["one"], hist["two"], strict=True):
+        assert set(a) == set(b) and {"mqar/accuracy", "perplexity/loss"} <= set(a)
+        for key in a:
+            tol = 1e-9 if a["step"] == 0 else 1e-5
+            assert abs(a[key] - b[key]) <= tol * max(1.0, abs(a[key])), (a["step"], key, a[key], b[key])
+    for run, ranks in ((one, 1), (two, 2)):
+        meta = json.loads((run / "eval" / "step_00000002" / "mqar.json").read_text())["meta"]
+        assert meta == {"step": 2, "eval_ranks": ranks}
