@@ -61,7 +61,10 @@ class ModelConfig:
     on CUDA and torch elsewhere). ``activation_checkpointing``: recompute each block in backward
     (applied from outside by the parallel package's ``parallelize()``). ``parallel_block``: each block
     computes ``x + mixer(norm(x)) + ffn(norm(x))`` (parallel layers, GPT-J / PaLM) instead of the
-    sequential pre-norm residual pair.
+    sequential pre-norm residual pair. ``loss_chunk_size``: > 0 computes the training loss from the
+    final hidden states ``loss_chunk_size`` tokens at a time, recomputing each chunk's logits in
+    backward (:mod:`lctrain.kernels.cross_entropy`), so the ``[tokens, vocab]`` logits, their
+    log-softmax and gradient never exist whole; 0 materialises the logits.
     """
 
     vocab_size: int = 4096
@@ -76,6 +79,7 @@ class ModelConfig:
     kernels: str = "auto"
     activation_checkpointing: bool = False
     parallel_block: bool = False
+    loss_chunk_size: int = 0
     attn: AttentionConfig = field(default_factory=AttentionConfig)
     gdn: GatedDeltaNetConfig = field(default_factory=GatedDeltaNetConfig)
     lightning: LightningConfig = field(default_factory=LightningConfig)
@@ -484,6 +488,8 @@ def validate(cfg: RunConfig) -> None:
     m.moe.validate(m.n_layers)
     m.lora_mixer.validate()
     _require(m.ffn_hidden_size >= 0, "model.ffn_hidden_size", m.ffn_hidden_size, "must be >= 0 (0 = 8/3 d_model)")
+    _require(m.loss_chunk_size >= 0, "model.loss_chunk_size", m.loss_chunk_size,
+             "must be >= 0 (0 = whole logits; > 0 = tokens per chunk of the chunked loss)")
     _require(0.0 <= d.val_fraction < 0.5, "data.val_fraction", d.val_fraction, "must be in [0, 0.5)")
     _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
@@ -521,6 +527,9 @@ def validate(cfg: RunConfig) -> None:
                     "EP with parallel.dp_impl=deepspeed is refused" if p.dp_impl == "deepspeed"
                     else "FSDP with EP is not supported yet"))
     _validate_deepspeed(p)
+    _require(not (m.loss_chunk_size and p.dp_impl == "deepspeed" and p.zero_stage == 3), "model.loss_chunk_size",
+             m.loss_chunk_size, "the chunked loss reads lm_head.weight outside lm_head's forward, which ZeRO-3 "
+             "partitions; use model.loss_chunk_size=0 with parallel.zero_stage=3 (or stage 1-2, DDP or FSDP)")
 
 
 def _validate_deepspeed(p: ParallelConfig) -> None:

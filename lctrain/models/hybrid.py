@@ -15,14 +15,16 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from lctrain.kernels.cross_entropy import linear_cross_entropy
 from lctrain.kernels.varlen import check_cu_seqlens
 from lctrain.layers.ffn import SwiGLU, default_ffn_hidden_size
 from lctrain.layers.lora_mixer import apply_lora_mixer, install_peft_adapters
 from lctrain.layers.moe import MoE, moe_layer_indices
-from lctrain.layers.registry import MIXERS, describe_mixers, get_mixer, mixer_config
 from lctrain.layers.norm import RMSNorm
+from lctrain.layers.registry import MIXERS, describe_mixers, get_mixer, mixer_config
 from lctrain.layers.rope import default_position_ids
 
 
@@ -220,8 +222,10 @@ class HybridLM(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        ignore_index: int = -100,
     ) -> torch.Tensor:
-        """Next-token logits.
+        """Next-token logits, or with ``labels`` the summed next-token cross entropy.
 
         Args:
             input_ids: int64 (or int32) [B, T] token ids.
@@ -232,13 +236,45 @@ class HybridLM(nn.Module):
             cu_seqlens: int32 [N + 1] document boundaries of a packed batch (B must be 1);
                 attention and the recurrent states never cross a boundary.
 
+            labels: int [B, T] target id of each position, or ``ignore_index`` (not counted). With
+                labels the model returns the loss instead of the logits, so that wrappers whose
+                hooks run around ``forward`` (DDP, FSDP, DeepSpeed) see the whole computation;
+                with ``model.loss_chunk_size > 0`` it never forms the whole logit matrix
+                (:func:`lctrain.kernels.cross_entropy.linear_cross_entropy`).
+
         Returns:
-            logits [B, T, vocab_size]: fp32 for an fp32 model, the autocast dtype under autocast.
+            logits [B, T, vocab_size]: fp32 for an fp32 model, the autocast dtype under autocast;
+            with ``labels``: fp32 scalar, the sum of the cross entropy over the labelled positions.
 
         Raises:
-            ValueError: bad shapes/dtypes, ``cu_seqlens`` with B != 1 or not ending at T.
+            ValueError: bad shapes/dtypes, ``cu_seqlens`` with B != 1 or not ending at T, ``labels``
+                not [B, T].
         """
-        return self.lm_head(self.hidden_states(input_ids, position_ids, cu_seqlens))
+        hidden = self.hidden_states(input_ids, position_ids, cu_seqlens)
+        if labels is None:
+            return self.lm_head(hidden)
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels must be [B, T] = {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        return self.loss_sum(hidden, labels, ignore_index)
+
+    def loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Summed cross entropy (fp32 scalar) of ``lm_head(hidden)`` [B, T, D] against ``labels`` [B, T].
+
+        ``model.loss_chunk_size > 0``: chunked (:mod:`lctrain.kernels.cross_entropy`), the matmuls in
+        the autocast dtype when autocast is on (as ``lm_head`` would run), else in the weight's dtype.
+        0: whole logits and ``F.cross_entropy`` on their fp32 copy.
+        """
+        chunk = self.config.loss_chunk_size
+        if chunk <= 0:
+            logits = self.lm_head(hidden)
+            return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=ignore_index,
+                                   reduction="sum")
+        weight = self.lm_head.weight
+        dev = hidden.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+        with torch.autocast(dev, enabled=False):
+            return linear_cross_entropy(hidden.flatten(0, 1).to(dtype), weight.to(dtype), labels.flatten(),
+                                        ignore_index=ignore_index, chunk_size=chunk)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Number of parameters (a tied embedding/head matrix counted once).

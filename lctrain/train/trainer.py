@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from lctrain.config import ConfigError, RunConfig, check_mixers_context_parallel, to_dict, to_yaml
 from lctrain.data import IGNORE_INDEX, build_data, collate_packed, data_fingerprint, next_micro_batches
@@ -356,11 +355,9 @@ class Trainer:
         )
         if self.cp is not None:  # this rank's zigzag shard; cu_seqlens stay global
             batch = shard_batch(batch, self.cp.degree, self.cp.rank)
-        with ctx:
-            logits = self.model(batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"])
-        return F.cross_entropy(
-            logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+        with ctx:  # the model returns the summed loss (chunked with model.loss_chunk_size > 0)
+            return self.model(batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"],
+                              labels=batch["labels"], ignore_index=IGNORE_INDEX)
 
     def next_micro_batches(self) -> list[dict]:
         """This rank's packed micro-batches for the next optimizer step (advances the sampler)."""
