@@ -13,7 +13,10 @@ Made to run the moment a GPU is lent (about 15 minutes, one H100/H200): one comm
    --no-deps flash-linear-attention-*.whl``) else the torch chunk path; flash attention (Triton)
    vs ``F.scaled_dot_product_attention`` (its flash backend); Lightning Triton vs the torch chunk
    path; MoBA Triton (block 512, top-3) vs SDPA. Each row records ``ratio = baseline_ms / ms``
-   (> 1: lctrain is faster) and the max relative error against the baseline's output.
+   (> 1: lctrain is faster) and the max relative error against the baseline's output. Also the
+   chunked linear cross entropy (``model.loss_chunk_size``) against whole logits +
+   ``F.cross_entropy`` at Qwen3-Next's vocabulary (151936), width 2048, 8192 tokens: ms and peak
+   memory of each (``loss`` in the JSON).
 3. **End to end**: ``hybrid_gdn_3to1`` at ``scale=340m``, seq 4096, ~20 steps (global batch 8
    sequences), once with ``model.kernels=triton`` and once with ``torch``: tokens/s, MFU (from
    :func:`lctrain.train.metrics.mfu`) and peak CUDA memory.
@@ -147,6 +150,43 @@ def run_tests(dry_run: bool, timeout_s: int) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
+def loss_rows(dev: torch.device, dtype: torch.dtype, dry_run: bool, warmup: int, iters: int) -> list[dict]:
+    """Chunked linear cross entropy (``model.loss_chunk_size``) against whole logits + ``F.cross_entropy``
+    (the trainer's default path), forward + backward: ms, peak memory above the inputs, loss error.
+    Qwen3-Next's vocabulary (151936) and width 2048, 8192 tokens, chunk 4096 (dry run: tiny)."""
+    from lctrain.kernels.cross_entropy import linear_cross_entropy
+
+    N, D, V, chunk = (64, 16, 100, 16) if dry_run else (8192, 2048, 151936, 4096)
+    g = torch.Generator(device=dev).manual_seed(0)
+    h = torch.randn(N, D, device=dev, dtype=dtype, generator=g)
+    w = (torch.randn(V, D, device=dev, dtype=dtype, generator=g) * D**-0.5)
+    y = torch.randint(0, V, (N,), device=dev, generator=g)
+    cases = {
+        "chunked": lambda h, w: linear_cross_entropy(h, w, y, chunk_size=chunk),
+        "logits": lambda h, w: F.cross_entropy((h @ w.t()).float(), y, reduction="sum"),
+    }
+    row = {"op": "linear_cross_entropy", "T": N, "D": D, "V": V, "chunk_size": chunk,
+           "dtype": str(dtype).split(".")[-1], "baseline": "logits + F.cross_entropy"}
+    try:
+        out = {}
+        for name, fn in cases.items():
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(dev)
+                base = torch.cuda.memory_allocated(dev)
+            ms, loss = time_fwd_bwd(fn, [h, w], warmup, iters)
+            out[name] = (ms, loss)
+            if dev.type == "cuda":
+                row[f"{name}_peak_mib"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+        row.update(ms=out["chunked"][0], baseline_ms=out["logits"][0], ratio=out["logits"][0] / out["chunked"][0],
+                   rel_err_vs_baseline=_rel(out["chunked"][1].float(), out["logits"][1].float()))
+    except Exception as e:  # e.g. out of memory for the whole logits
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    print(f"  {row['op']} " + (f"{row['ms']:.2f} ms vs {row['baseline_ms']:.2f} ms" if "ms" in row else row["error"]),
+          flush=True)
+    return [row]
+
+
 def _small_corpus(path: Path) -> Path:
     with gzip.open(REPO / "lctrain" / "data" / "builtin" / "pd_english.jsonl.gz", "rt", encoding="utf-8") as f:
         docs = [json.loads(line) for _, line in zip(range(12), f)]
@@ -232,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     H, D = (2, 16) if dry else (16, 128)
     dtype = torch.float32 if dry else torch.bfloat16
     result["kernels"] = kernel_rows(dev, dtype, seqlens, H, D, warmup=0 if dry else 2, iters=1 if dry else 5)
+    result["loss"] = loss_rows(dev, dtype, dry, warmup=0 if dry else 2, iters=1 if dry else 5)
     print("[gpu_check] 3/3 end to end", flush=True)
     result["end_to_end"] = end_to_end(dev, dry, args.steps or (2 if dry else 20), workdir)
     losses = [r.get("final_train_loss") for r in result["end_to_end"]]

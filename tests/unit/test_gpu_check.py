@@ -24,6 +24,8 @@ def test_gpu_check_dry_run(tmp_path):
         assert r["ms"] > 0 and r["baseline_ms"] > 0, r
         if "rel_err_vs_baseline" in r:  # fp32 under the interpreter: the kernels agree with their baselines
             assert r["rel_err_vs_baseline"] < 1e-4, r
+    (loss,) = res["loss"]  # chunked linear cross entropy vs whole logits
+    assert loss["op"] == "linear_cross_entropy" and loss["ms"] > 0 and loss["rel_err_vs_baseline"] < 1e-5, loss
     assert [r["kernels"] for r in res["end_to_end"]] == ["triton", "torch"]
     assert all(r["tokens_per_s"] > 0 for r in res["end_to_end"])
     assert res["e2e_loss_rel_diff"] < 1e-4
