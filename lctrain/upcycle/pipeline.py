@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from lctrain.errors import ConfigError
 from lctrain.upcycle.config import variant_dir_name
@@ -497,10 +496,9 @@ def evaluate_state_dict(model_cfg, state_dict, val_sets: dict, cfg) -> dict[str,
         for s in range(0, len(mine), t.micro_batch_size):
             batch = collate_packed([ds[i] for i in mine[s: s + t.micro_batch_size]])
             batch = {k: (v.to(env.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"])
-            loss_sum += float(F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(),
-                                              ignore_index=IGNORE_INDEX, reduction="sum"))
+            with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=bf16):  # the model's summed loss
+                loss_sum += float(model(batch["input_ids"], position_ids=batch["position_ids"],
+                                        cu_seqlens=batch["cu_seqlens"], labels=batch["labels"], ignore_index=IGNORE_INDEX))
             count += float(batch["num_tokens"])
         sums = torch.tensor([loss_sum, count], dtype=torch.float64, device=env.device)
         if dist.is_available() and dist.is_initialized():
