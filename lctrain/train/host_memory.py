@@ -39,8 +39,9 @@ def _glibc():
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt, libc.malloc_trim  # noqa: B018 - musl and other C libraries lack them
-    except (OSError, AttributeError):
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    except (OSError, AttributeError):  # musl and other C libraries lack mallopt / malloc_trim
         return None
     return libc
 
@@ -54,7 +55,6 @@ def release_free_heap() -> bool:
     libc = _glibc()
     if libc is None:
         return False
-    libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
     return libc.malloc_trim(0) == 1
 
 
@@ -70,9 +70,7 @@ def set_malloc_mmap_threshold(mib: int) -> bool:
     libc = _glibc()
     if mib <= 0 or libc is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    mallopt = libc.mallopt
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt(_M_MMAP_THRESHOLD, int(mib) << 20) == 1
+    return libc.mallopt(_M_MMAP_THRESHOLD, int(mib) << 20) == 1
 
 
 def peak_rss_mib() -> float:
