@@ -118,7 +118,8 @@ def state_passing(
     final = final.float()
     s0 = final[torch.tensor(last_idx, device=dev), ..., :V]  # [B*2, H, K, V]
     keep = torch.tensor(single, device=dev).float()[:, None, None, None]
-    m = final[torch.tensor(first_idx, device=dev), ..., V:] * keep  # [B*2, H, K, K]
+    first = torch.tensor(first_idx, device=dev)  # each (row, chunk)'s first piece
+    m = final[first, ..., V:] * keep  # [B*2, H, K, K]
     mine = torch.cat((s0, m), -1).reshape(B, 2, H, K, V + K)
     every = all_gather_stack(mine, cp.group)  # [P, B, 2, H, K, V+K], fp32
     S = torch.zeros(B, H, K, V, dtype=torch.float32, device=dev)
@@ -132,9 +133,7 @@ def state_passing(
     # first piece (zero on pieces that start a document), gives this rank's outputs directly
     starts = torch.stack([s_in[ch][b] for b in range(B) for ch in chunks])  # [B*2, H, K, V], first_idx order
     starts = starts * torch.tensor(continues, device=dev).float()[:, None, None, None]
-    s_start = torch.zeros(N, H, K, V, dtype=torch.float32, device=dev).index_put(
-        (torch.tensor(first_idx, device=dev),), starts
-    )
+    s_start = torch.zeros(N, H, K, V, dtype=torch.float32, device=dev).index_put((first,), starts)
     o, _ = kernel(flat(q), flat(k), flat(v), *gates, initial_state=s_start, cu_seqlens=cu_local)
     return o.reshape(B, Tl, H, V).to(v.dtype)
 
