@@ -11,19 +11,28 @@ not be written (the previous one is intact), 6 the launcher died (the rank exite
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
+
+
+def _launch_rank() -> int:
+    """This process's global rank as set by the launcher (torchrun's ``RANK``), 0 when run alone."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def run_with_exit_codes(run: Callable[[], object]) -> int:
     """Call ``run()`` and map lctrain's errors to the launchers' exit codes (tearing the process group down).
 
     0 done; 2 :class:`~lctrain.errors.ConfigError` (bad configuration or input, one ``error:`` line,
-    no traceback); 3 ``NonFiniteLossError``; 4 ``TrainingStopped`` (signal, checkpoint saved);
-    5 ``CheckpointSaveError``; 6 is the parent watchdog's own exit (:mod:`lctrain.train.safety`).
+    no traceback; printed by rank 0 only when several ranks run); 3 ``NonFiniteLossError``;
+    4 ``TrainingStopped`` (signal, checkpoint saved); 5 ``CheckpointSaveError``; 6 is the parent watchdog's own exit (:mod:`lctrain.train.safety`).
     Shared by ``lctrain-train`` / ``launch/train.py`` and ``launch/upcycle.py``.
     """
-    from lctrain.errors import ConfigError
+    from lctrain.errors import ConfigError, ErrorOnAnotherRank
 
     try:
         from lctrain.train.checkpoint import CheckpointSaveError
@@ -42,7 +51,13 @@ def run_with_exit_codes(run: Callable[[], object]) -> int:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return EXIT_CHECKPOINT_FAILED
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        # every rank runs the same checks on the same input, and a check that runs on one rank shares
+        # its outcome with the others first (lctrain.train.startup), so rank 0 alone prints the line
+        if not isinstance(e, ErrorOnAnotherRank) and _launch_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        from lctrain.train.startup import exit_together
+
+        exit_together(e)  # the ranks leave together, after rank 0 printed, all with code 2
         return 2
     finally:
         from lctrain.parallel.mesh import destroy

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from lctrain.errors import ConfigError
+from lctrain.errors import ConfigError, DataError
 
 from lctrain.data.corpus import default_cache_dir, load_documents, parse_filter, split_documents
 from lctrain.data.packing import (
@@ -84,8 +84,10 @@ def build_data(
     calls read neither the documents nor ``datasets``; touching or replacing a corpus file
     rebuilds (an edit that keeps a file's size and modification time is not seen).
 
-    Distributed runs should call this on rank 0 first and on the other ranks after a barrier;
-    caches are written atomically, so ranks that do race only repeat work, never read partial files.
+    Distributed runs should call this on rank 0 first and on the other ranks once it succeeded
+    there (the trainer uses :func:`lctrain.train.startup.main_first`, which also hands rank 0's
+    error to every rank); caches are written atomically, so ranks that do race only repeat work,
+    never read partial files.
 
     Args:
         data_cfg: a :class:`lctrain.config.DataConfig` (``path``, ``text_key``, ``split``,
@@ -104,9 +106,28 @@ def build_data(
         is logged in that case).
 
     Raises:
-        FileNotFoundError, ValueError: from the steps above (bad path, empty corpus, missing
-            text key, vocab mismatch), or a training split too short for one window of ``seq_len``.
+        DataError: a data file cannot be used (missing, empty, malformed JSON with its line,
+            invalid UTF-8 with its byte offset, missing text key, not a SentencePiece model), or
+            reading or writing a data file failed (the OS error names the file).
+        ConfigError: a training split too short for one window of ``seq_len``, a vocabulary
+            mismatch, a bad filter. Both end a run with exit code 2 (:mod:`lctrain.cli`).
+        ValueError: other invalid arguments.
+
+    A failed read leaves nothing in ``cache_dir`` that a later call would take: ``datasets``
+    removes the Arrow files of a dataset it did not finish, and the tokenizer, token streams and
+    ``prepared_<key>.json`` are written (atomically) only from documents that were read whole.
     """
+    try:
+        return _build_data(data_cfg, seq_len, vocab_size, cache_dir, rank)
+    except DataError:
+        raise
+    except OSError as e:  # permission denied, disk full, a file vanished: name it, exit code 2
+        raise DataError(f"data: {e}") from e
+
+
+def _build_data(data_cfg: Any, seq_len: int, vocab_size: int, cache_dir: str | Path | None, rank: int
+                ) -> tuple[Tokenizer, PackedDataset, PackedDataset]:
+    """:func:`build_data` without its translation of OS errors."""
     t0 = time.perf_counter()
     if str(data_cfg.path).startswith("synthetic:"):  # generated examples (lctrain.eval.synthetic), no corpus
         from lctrain.eval.synthetic import build_synthetic_data
@@ -125,14 +146,17 @@ def build_data(
             log.info("data: prepared %s (tokenizer and token streams from %s), %.1fs", data_cfg.path, manifest.name,
                      time.perf_counter() - t0)
         return prepared
+    # a tokenizer file is checked before the corpus is read (an unusable one fails in a second)
+    tokenizer = load_tokenizer(data_cfg.tokenizer, None, vocab_size, cache) if data_cfg.tokenizer != "auto" else None
     train_docs, val_docs = [], []
     for alt in range(len(parse_filter(doc_filter))) if doc_filter.strip() else [None]:
         docs = load_documents(data_cfg.path, data_cfg.text_key, data_cfg.split, cache_dir=cache,
-                              doc_filter=doc_filter, filter_alternative=alt)
+                              doc_filter=doc_filter, filter_alternative=alt, quiet=rank != 0)
         part_train, part_val = split_documents(docs, data_cfg.val_fraction, data_cfg.seed)
         train_docs += part_train
         val_docs += part_val
-    tokenizer = load_tokenizer(data_cfg.tokenizer, train_docs, vocab_size, cache)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(data_cfg.tokenizer, train_docs, vocab_size, cache)
     check_vocab(tokenizer, vocab_size)
 
     train_tokens = load_or_pack(train_docs, tokenizer, cache, "train")

@@ -32,14 +32,19 @@ belongs to its first matching alternative (see ``filter_alternative`` of :func:`
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
+import json
+import logging
+import os
 import random
+import zlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lctrain.errors import ConfigError
+from lctrain.errors import ConfigError, DataError, DataFileNotFoundError
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 BUILTIN_CORPORA: dict[str, Path] = {"pd_english": BUILTIN_DIR / "pd_english.jsonl.gz"}
@@ -59,6 +64,9 @@ _ALLOWED_FORMS = (
     f"a built-in corpus name ({', '.join(BUILTIN_CORPORA)}), a local file "
     f"({', '.join(sorted(_BUILDERS, key=len))}), a directory of such files, or hf:<owner/name>"
 )
+
+
+log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -87,14 +95,17 @@ def _files_in(directory: Path) -> list[Path]:
 
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
-    """Silence datasets' progress bars while loading, restoring the caller's setting after."""
+    """Silence datasets' progress bars and error log lines while loading, restoring the caller's settings after.
+
+    A file the builder cannot read raises; :func:`_load_files` then reports it with its line.
+    """
     import datasets
     from datasets.utils import logging as ds_logging
 
     was_disabled = datasets.are_progress_bars_disabled()
     verbosity = ds_logging.get_verbosity()
     datasets.disable_progress_bars()
-    ds_logging.set_verbosity_error()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)  # its "Failed to load JSON ..." lines: lctrain names the line
     try:
         yield
     finally:
@@ -103,19 +114,26 @@ def _quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def _column(ds, text_key: str, source: str) -> list[str]:
+def _column(ds, text_key: str, source: str, locate: Callable[[int], str] | None = None) -> list[str]:
+    """The ``text_key`` column of ``ds`` as a list of strings (or None).
+
+    Raises:
+        DataError: no such column (the columns found are named), or a value that is not a string
+            (its row, and with ``locate`` its file and line, are named).
+    """
     columns = list(ds.column_names)
     if text_key not in columns:
-        raise ValueError(
+        raise DataError(
             f"{source} has no column '{text_key}'; columns found: {', '.join(columns) or '(none)'}. "
             f"Set data.text_key to the column holding the document text."
         )
     values = ds.with_format("arrow")[text_key].to_pylist()
     for i, v in enumerate(values):
         if v is not None and not isinstance(v, str):
-            raise ValueError(
-                f"{source}: column '{text_key}' must hold strings, row {i} holds {type(v).__name__}; "
-                f"set data.text_key to a text column (columns found: {', '.join(columns)})"
+            where = locate(i) if locate is not None else ""
+            raise DataError(
+                f"{source}: column '{text_key}' must hold strings, row {i}{f' ({where})' if where else ''} holds "
+                f"{type(v).__name__}; set data.text_key to a text column (columns found: {', '.join(columns)})"
             )
     return values
 
@@ -145,12 +163,130 @@ def _load_files(files: list[Path], text_key: str, cache_dir: Path, select: _RowF
                     cache_dir=str(cache_dir),
                     **kwargs,
                 )
-            except Exception as e:  # pyarrow / json parse errors: say which files
-                raise ValueError(f"cannot read {source} with the datasets '{builder}' builder: {e}") from e
-        if select is not None:
+            except Exception as e:  # pyarrow / json / decoding errors: find the file and line ourselves
+                for f in group:
+                    problem = _diagnose(f, builder, text_key)
+                    if problem is not None:
+                        raise DataError(problem) from e
+                reason = str(e) or str(e.__cause__ or "") or type(e).__name__
+                raise DataError(f"cannot read {source} with the datasets '{builder}' builder: {reason}") from e
+        locate = None
+        if select is None:  # rows are the files' rows: a bad value can be traced to its line
+            locate = lambda row, group=group, builder=builder: _row_location(group, builder, row)  # noqa: E731
+        else:
             ds = select(ds, source)
-        docs += _column(ds, "text" if builder == "text" else text_key, source)
+        docs += _column(ds, "text" if builder == "text" else text_key, source, locate)
     return docs
+
+
+def _open_bytes(path: Path):
+    """``path`` opened for binary reading, decompressed when it ends in ``.gz``."""
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def _json_kind(value: object) -> str:
+    """The JSON name of a parsed value's type (for messages)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _is_json_array_file(path: Path) -> bool:
+    """Whether a ``.json`` file holds one JSON document (``[...]``) rather than JSON lines."""
+    if path.name.lower().endswith((".jsonl", ".jsonl.gz")):
+        return False
+    with _open_bytes(path) as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
+
+
+def _diagnose(path: Path, builder: str, text_key: str) -> str | None:
+    """What is wrong with one corpus file the ``datasets`` builder could not read (None: nothing found).
+
+    Reads the file line by line (decompressed for ``.gz``): invalid UTF-8 is reported with its byte
+    offset and line, JSON lines with the line number and column of the first line that is not a JSON
+    object or whose ``text_key`` is neither a string nor null; a file without content says so.
+    """
+    decompressed = " (after decompression)" if path.name.lower().endswith(".gz") else ""
+    try:
+        if builder == "parquet":
+            import pyarrow.parquet as pq
+
+            pq.ParquetFile(path)
+            return None
+        array = builder == "json" and _is_json_array_file(path)
+        offset, records = 0, 0
+        with _open_bytes(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return (
+                        f"{path}: invalid UTF-8 at byte offset {offset + e.start}{decompressed} (line {lineno}): "
+                        f"bytes {raw[e.start:e.end].hex(' ')} ({e.reason}); corpus files must be UTF-8: "
+                        f"re-encode it (e.g. iconv -f latin1 -t utf-8) or remove those bytes"
+                    )
+                offset += len(raw)
+                if builder != "json" or array or not line.strip():
+                    continue
+                records += 1
+                try:
+                    obj = json.loads(line.rstrip("\r\n"))
+                except json.JSONDecodeError as e:
+                    return (f"{path} line {lineno}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno}); "
+                            f"each line of a JSON-lines corpus must be one JSON object")
+                if not isinstance(obj, dict):
+                    return (f"{path} line {lineno}: a JSON {_json_kind(obj)}, not an object; each line of a JSON-lines "
+                            f"corpus must be one JSON object with the text under '{text_key}' (data.text_key)")
+                value = obj.get(text_key)
+                if value is not None and not isinstance(value, str):
+                    return (f"{path} line {lineno}: '{text_key}' holds a JSON {_json_kind(value)}, not a string; "
+                            f"set data.text_key to the field holding the document text")
+        if offset == 0 or (builder == "json" and not array and records == 0):
+            what = "is empty" if offset == 0 else "holds only blank lines"
+            return f"{path} {what}{decompressed}: no document to read"
+        if array:
+            with _open_bytes(path) as f:
+                try:
+                    json.loads(f.read().decode("utf-8"))
+                except json.JSONDecodeError as e:
+                    return f"{path} line {e.lineno}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
+    except (OSError, EOFError, zlib.error) as e:
+        return f"cannot read {path}: {e}"
+    return None
+
+
+def _row_location(files: list[Path], builder: str, row: int) -> str:
+    """``FILE line N`` (JSON lines, ``.txt``) or ``FILE row N`` (parquet) of row ``row`` of ``files`` read
+    together by ``builder``; ``""`` when it cannot be told (a ``.json`` array, unreadable files)."""
+    try:
+        if builder == "text":  # one document per file
+            return str(files[row]) if row < len(files) else ""
+        if builder == "parquet":
+            import pyarrow.parquet as pq
+
+            for f in files:
+                n = pq.ParquetFile(f).metadata.num_rows
+                if row < n:
+                    return f"{f} row {row}"
+                row -= n
+            return ""
+        for f in files:
+            if _is_json_array_file(f):
+                return ""
+            with _open_bytes(f) as fh:
+                for lineno, raw in enumerate(fh, 1):
+                    if raw.strip():
+                        if row == 0:
+                            return f"{f} line {lineno}"
+                        row -= 1
+    except (OSError, EOFError, ValueError, zlib.error):
+        pass
+    return ""
 
 
 def _load_hub(name: str, text_key: str, split: str, cache_dir: Path, select: _RowFilter | None = None) -> list[str]:
@@ -158,11 +294,15 @@ def _load_hub(name: str, text_key: str, split: str, cache_dir: Path, select: _Ro
 
     repo, _, config = name.partition(":")
     if not repo:
-        raise ValueError(f"empty hub dataset name in 'hf:{name}'; use hf:<owner/name> or hf:<owner/name>:<config>")
+        raise ConfigError(f"empty hub dataset name in 'hf:{name}'; use hf:<owner/name> or hf:<owner/name>:<config>")
     with _quiet_datasets():
-        ds = datasets.load_dataset(repo, config or None, cache_dir=str(cache_dir))
+        try:
+            ds = datasets.load_dataset(repo, config or None, cache_dir=str(cache_dir))
+        except Exception as e:  # not found, no network, a bad config name, unreadable files on the hub
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"cannot load hub dataset 'hf:{name}': {reason}") from e
     if split not in ds:
-        raise ValueError(
+        raise DataError(
             f"hub dataset '{repo}' has no split '{split}'; splits found: {', '.join(ds)}. Set data.split."
         )
     source = f"hub dataset '{repo}' split '{split}'"
@@ -173,9 +313,9 @@ def resolve_path(path: str) -> Path | str:
     """Resolve ``data.path`` to a local :class:`Path` (built-in names included) or keep ``hf:...``.
 
     Raises:
-        FileNotFoundError: ``path`` is neither a built-in name, an existing file/directory nor
-            ``hf:...``; the message names the path and the allowed forms.
-        ValueError: an existing file whose extension no builder reads.
+        DataFileNotFoundError: ``path`` is neither a built-in name, an existing file/directory nor
+            ``hf:...``; the message names the path and the allowed forms (a ``FileNotFoundError``).
+        DataError: an existing file whose extension no builder reads.
     """
     if path.startswith("hf:"):
         return path
@@ -187,13 +327,13 @@ def resolve_path(path: str) -> Path | str:
     if path in BUILTIN_CORPORA:
         builtin = BUILTIN_CORPORA[path]
         if not builtin.exists():
-            raise FileNotFoundError(f"built-in corpus file {builtin} is missing; reinstall lctrain")
+            raise DataFileNotFoundError(f"built-in corpus file {builtin} is missing; reinstall lctrain")
         return builtin
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"data.path '{path}' does not exist; data.path must be {_ALLOWED_FORMS}")
+        raise DataFileNotFoundError(f"data.path '{path}' does not exist; data.path must be {_ALLOWED_FORMS}")
     if p.is_file() and _builder_for(p) is None:
-        raise ValueError(f"data.path '{path}' has an unsupported extension; data.path must be {_ALLOWED_FORMS}")
+        raise DataError(f"data.path '{path}' has an unsupported extension; data.path must be {_ALLOWED_FORMS}")
     return p
 
 
@@ -204,6 +344,7 @@ def load_documents(
     cache_dir: str | Path | None = None,
     doc_filter: str = "",
     filter_alternative: int | None = None,
+    quiet: bool = False,
 ) -> list[str]:
     """Load a corpus as a list of non-empty documents, in a deterministic order.
 
@@ -219,18 +360,26 @@ def load_documents(
         doc_filter: ``data.filter`` expression (module docstring); empty keeps every document.
         filter_alternative: keep only the documents whose first matching alternative of
             ``doc_filter`` has this index (None: any alternative).
+        quiet: do not log the count of skipped documents and files (ranks other than 0).
 
     Returns:
-        Documents as Python strings, empty and whitespace-only documents (and nulls) removed.
-        The whole corpus is held in memory (fine for corpora of a few GB of text).
+        Documents as Python strings, empty and whitespace-only documents (and nulls) removed;
+        their number is logged (``data: skipped N of M documents ...``), as are empty files of a
+        directory, which are skipped. The whole corpus is held in memory (fine for corpora of a
+        few GB of text).
 
     Raises:
-        FileNotFoundError: ``path`` does not exist (the message lists the allowed forms).
-        ValueError: unsupported extension, a directory without corpus files, a split other than
-            ``train`` for local data, ``text_key`` missing (the columns found are named), a
-            non-string text column, or no non-empty document at all.
-        ConfigError: a malformed ``doc_filter``, a filter field that is not a column, or a
-            filter that keeps no non-empty document (the message lists the values found).
+        DataFileNotFoundError: ``path`` does not exist (the message lists the allowed forms).
+        DataError: unsupported extension, an empty file, a directory without a readable corpus
+            file, a file the reader cannot parse (the file and line of malformed JSON, the byte
+            offset of invalid UTF-8), ``text_key`` missing (the columns found are named), a
+            non-string text value (its row and line), or no non-empty document at all.
+        ConfigError: a split other than ``train`` for local data, a malformed ``doc_filter``, a
+            filter field that is not a column, or a filter that keeps no non-empty document (the
+            message lists the values found).
+
+    Text is read as UTF-8 only: a file with invalid UTF-8 is an error naming the byte offset
+    (nothing is replaced or dropped silently).
     """
     select = _RowFilter(parse_filter(doc_filter), filter_alternative) if doc_filter.strip() else None
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -242,20 +391,22 @@ def load_documents(
         docs = _load_hub(resolved[len("hf:"):], text_key, split, hf_cache, select)
     else:
         if split != "train":
-            raise ValueError(
+            raise ConfigError(
                 f"local corpus '{path}' has only the split 'train' (got data.split='{split}'); the "
                 f"validation split is cut from it by data.val_fraction"
             )
         if resolved.is_dir():
-            files = _files_in(resolved)
-            if not files:
-                raise ValueError(
-                    f"directory '{path}' holds no corpus files (looked for {', '.join(sorted(_BUILDERS, key=len))})"
-                )
+            files = _readable_files(resolved, path, quiet)
         else:
             files = [resolved]
+            if resolved.stat().st_size == 0:
+                raise DataError(f"corpus file '{path}' is empty (0 bytes): no document to read")
         docs = _load_files(files, text_key, hf_cache, select)
+    n_read, n_null = len(docs), sum(d is None for d in docs)
     docs = [d for d in docs if d is not None and d.strip()]
+    if docs and len(docs) < n_read and not quiet:
+        log.warning("data: skipped %d of %d documents of '%s' (%d null, %d empty or whitespace-only under '%s')",
+                    n_read - len(docs), n_read, path, n_null, n_read - len(docs) - n_null, text_key)
     if not docs and select is not None:
         which = "" if filter_alternative is None else f" (alternative {filter_alternative}: {select.alternative_text})"
         raise ConfigError(
@@ -263,8 +414,45 @@ def load_documents(
             f"{FILTER_SYNTAX}"
         )
     if not docs:
-        raise ValueError(f"corpus '{path}' is empty: no non-empty document under '{text_key}'")
+        raise DataError(f"corpus '{path}' is empty: no non-empty document under '{text_key}' "
+                        f"({n_read} read, {n_null} null, {n_read - n_null} empty or whitespace-only)")
     return docs
+
+
+def _readable_files(directory: Path, path: str, quiet: bool = False) -> list[Path]:
+    """The corpus files of ``directory`` that hold bytes and can be opened (empty or unreadable ones are skipped).
+
+    Raises:
+        DataError: none is left; the message says what was found instead.
+    """
+    files = _files_in(directory)
+    kinds = ", ".join(sorted(_BUILDERS, key=len))
+    if not files:
+        others = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+        found = f"; found only {_some(others)}" if others else "; it is empty"
+        raise DataError(f"directory '{path}' holds no corpus files (looked for {kinds}){found}")
+    skipped: list[str] = []
+    readable = []
+    for f in files:
+        name = f.relative_to(directory).as_posix()
+        if f.stat().st_size == 0:
+            skipped.append(f"{name} (empty)")
+        elif not os.access(f, os.R_OK):
+            skipped.append(f"{name} (not readable: permission denied)")
+        else:
+            readable.append(f)
+    if not readable:
+        raise DataError(f"directory '{path}' holds no readable corpus file: {_some(skipped)}")
+    if skipped and not quiet:
+        log.warning("data: skipped %d of %d files under '%s': %s", len(skipped), len(files), path, _some(skipped))
+    return readable
+
+
+def _some(names: Sequence[str], limit: int = 8) -> str:
+    """Up to ``limit`` names, comma-separated, with the count of the rest."""
+    more = f", ... {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 FILTER_SYNTAX = (

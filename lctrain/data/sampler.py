@@ -39,7 +39,8 @@ class DistributedBatchSampler:
 
     Raises:
         ValueError: non-positive sizes, ``dp_rank`` out of range, ``global_batch_size`` not a
-            multiple of ``micro_batch_size * dp_size``, or fewer samples than one global batch.
+            multiple of ``micro_batch_size * dp_size``.
+        ConfigError: fewer samples than one global batch (the corpus is too small for the batch).
     """
 
     def __init__(
@@ -67,8 +68,8 @@ class DistributedBatchSampler:
                 f"{micro_batch_size} times the data-parallel size {dp_size} (= {micro_batch_size * dp_size}); "
                 f"change train.global_batch_size or train.micro_batch_size"
             )
-        if num_samples < global_batch_size:
-            raise ValueError(
+        if num_samples < global_batch_size:  # the corpus is too small: an input error (exit code 2)
+            raise ConfigError(
                 f"the dataset has {num_samples} samples, fewer than one global batch "
                 f"(train.global_batch_size={global_batch_size}); use a larger corpus, a smaller "
                 f"data.seq_len, or a smaller train.global_batch_size"

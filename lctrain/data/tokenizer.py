@@ -29,7 +29,7 @@ from typing import BinaryIO
 
 import sentencepiece as spm
 
-from lctrain.errors import ConfigError
+from lctrain.errors import ConfigError, DataError, DataFileNotFoundError
 
 from lctrain.data.corpus import corpus_fingerprint
 
@@ -52,27 +52,34 @@ class Tokenizer:
         self._proto = model_proto
         self.path = Path(path) if path is not None else None
         if self._sp.eos_id() < 0:
-            raise ValueError(f"tokenizer {path or ''} has no EOS piece; lctrain needs one to separate documents")
+            raise DataError(f"tokenizer {path or ''} has no EOS piece; lctrain needs one to separate documents")
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
         """Load a SentencePiece ``.model`` file.
 
         Raises:
-            FileNotFoundError: ``path`` does not exist.
-            ValueError: the file is not a SentencePiece model, or it has no EOS piece.
+            DataFileNotFoundError: ``path`` does not exist (a ``FileNotFoundError``).
+            DataError: the file is empty, not a SentencePiece model, or has no EOS piece.
         """
         p = Path(path).expanduser()
         if not p.is_file():
-            raise FileNotFoundError(
+            raise DataFileNotFoundError(
                 f"tokenizer file '{path}' does not exist; set data.tokenizer to a SentencePiece .model file "
                 f"or to 'auto' (train one on the corpus)"
             )
         data = p.read_bytes()
+        if not data:
+            raise DataError(f"tokenizer file '{path}' is empty (0 bytes); set data.tokenizer to a SentencePiece "
+                            f".model file or to 'auto'")
         try:
             return cls(data, p)
-        except RuntimeError as e:
-            raise ValueError(f"'{path}' is not a SentencePiece model: {e}") from e
+        except RuntimeError as e:  # sentencepiece's protobuf parse error: keep its first line
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(
+                f"tokenizer file '{path}' is not a SentencePiece model ({reason}); set data.tokenizer to a "
+                f"SentencePiece .model file or to 'auto' (train one on the corpus)"
+            ) from e
 
     @property
     def vocab_size(self) -> int:
@@ -240,7 +247,8 @@ def load_tokenizer(
         cache_dir: lctrain data cache directory.
 
     Raises:
-        FileNotFoundError: the given model path does not exist.
+        DataFileNotFoundError, DataError: the given model file does not exist, or is not a
+            SentencePiece model (see :meth:`Tokenizer.from_file`).
         ValueError: ``'auto'`` without documents, or any error of :func:`train_tokenizer`.
     """
     if cfg_tokenizer != "auto":
