@@ -1,4 +1,5 @@
-"""Scorers: logits at chosen positions, teacher-forced answer checks, greedy-generation string match.
+"""Scorers: logits at chosen positions, teacher-forced answer checks, greedy-generation string match,
+continuation log-likelihoods (:func:`continuation_loglikelihoods`, as lm-evaluation-harness scores them).
 
 A *model* here is anything callable as ``model(input_ids int64 [B, T]) -> logits [B, T, V]``: a
 :class:`lctrain.models.HybridLM` (then only the needed rows go through the LM head), a wrapped one
@@ -143,3 +144,55 @@ def score_generate(model: nn.Module, tokenizer, examples: Sequence[RecallExample
             exp = examples[i].expected
             scores[i] = sum(e in text for e in exp) / len(exp) if exp else 0.0
     return scores, texts
+
+
+def split_continuation(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of ``context`` and ``continuation`` as lm-evaluation-harness splits them for a causal LM.
+
+    Trailing whitespace of the context moves to the continuation; the whole text is encoded once
+    and the continuation's tokens are those after the context's own encoding (so a token that
+    spans the boundary belongs to the continuation).
+
+    Raises:
+        ValueError: empty ``context`` (the harness then conditions on an end-of-text token instead).
+    """
+    if not context:
+        raise ValueError("context must not be empty")
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer.encode(context + continuation)
+    ctx = tokenizer.encode(context)
+    return ctx, whole[len(ctx):]
+
+
+@torch.no_grad()
+def continuation_loglikelihoods(model, tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+    """Log-likelihood of each continuation given its context: lctrain's ``loglikelihood`` request.
+
+    For every ``(context, continuation)``: the sum over the continuation's tokens (split by
+    :func:`split_continuation`) of ``log p(token | everything before it)`` in nats, from one
+    forward pass of context + continuation, and whether every continuation token is the argmax
+    (greedy decoding would produce it). The same quantities as lm-evaluation-harness's
+    ``loglikelihood`` requests, so an exported model scored by the harness can be checked against
+    lctrain's own model.
+
+    Args:
+        model: see the module docstring (in eval mode).
+        tokenizer: the run's tokenizer (``encode(str) -> list[int]``).
+        pairs: ``(context, continuation)`` strings.
+
+    Returns:
+        ``(log-likelihood, is_greedy)`` per pair, in order.
+    """
+    device = _device_of(model)
+    out = []
+    for context, continuation in pairs:
+        ctx, cont = split_continuation(tokenizer, context, continuation)
+        ids = torch.tensor([ctx + cont], dtype=torch.int64, device=device)
+        (logits,) = logits_at(model, ids, [range(len(ctx) - 1, len(ctx) + len(cont) - 1)])
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        target = torch.tensor(cont, dtype=torch.int64, device=logp.device)
+        ll = float(logp.gather(-1, target[:, None]).sum())
+        out.append((ll, bool((logp.argmax(-1) == target).all())))
+    return out

@@ -29,6 +29,7 @@ the defaults below are what DDP and FSDP do:
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any
 
 import torch
@@ -150,6 +151,19 @@ class DataParallel:
         load_model_optim_state(self.model, optimizer, state)
 
 
+def _no_forward_buffer_sync() -> dict[str, bool]:
+    """DDP keyword that turns off the buffer broadcast before every forward.
+
+    Buffers (RoPE tables, Lightning slopes, expert biases updated from all-reduced loads) are equal
+    on every rank. torch >= 2.13 names the switch ``forward_sync_buffers`` and deprecates
+    ``broadcast_buffers`` (a FutureWarning per rank); older versions only know ``broadcast_buffers``.
+    ``forward_sync_buffers=False`` still broadcasts the buffers once at wrapping, from rank 0,
+    which leaves these equal buffers as they are.
+    """
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
 class DDPDataParallel(DataParallel):
     """``DistributedDataParallel`` over ``mesh``; expert-parallel weights are left to :meth:`finish_backward`.
 
@@ -174,7 +188,7 @@ class DDPDataParallel(DataParallel):
             model,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             process_group=self.mesh.get_group(),
-            broadcast_buffers=False,
+            **_no_forward_buffer_sync(),
             # gradients are views into the all-reduce buckets: no second copy of every gradient
             gradient_as_bucket_view=True,
         )

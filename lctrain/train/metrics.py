@@ -11,8 +11,9 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -139,6 +140,22 @@ def write_summary(out_dir: str | os.PathLike, summary: dict) -> Path:
     return target
 
 
+class MetricsSink(Protocol):
+    """Where :class:`MetricsLogger` also sends each scalar it writes (rank 0): W&B, the run's curves.
+
+    ``values`` maps TensorBoard tags to numbers; ``tokens`` = ``step * tokens_per_step``.
+    Implementations: :class:`lctrain.train.wandb_logger.WandbRun`, :class:`lctrain.train.curves.RunHistory`.
+    """
+
+    def log_scalars(self, step: int, tokens: int, values: dict[str, float], kind: str = "train") -> None: ...
+
+    def log_histogram(self, tag: str, values: Any, step: int, tokens: int) -> None: ...
+
+    def checkpoint(self, step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class MetricsLogger:
     """Rank-0 logger: TensorBoard scalars under ``out_dir/tb`` and a tqdm bar (which shows the ETA).
 
@@ -157,6 +174,8 @@ class MetricsLogger:
         tokens_per_step: tokens consumed per optimizer step over all ranks; used to derive
             ``tokens_per_s`` from wall time when :meth:`log_step` is not given it.
         initial_step: steps already done (when resuming); the bar starts there.
+        sinks: further receivers of every scalar and histogram (:class:`MetricsSink`; rank 0 only),
+            closed by :meth:`close`.
 
     Raises:
         ImportError: ``enabled_tensorboard`` but the ``tensorboard`` package is missing.
@@ -177,14 +196,18 @@ class MetricsLogger:
         total_steps: int,
         tokens_per_step: int,
         initial_step: int = 0,
+        sinks: Sequence[MetricsSink] = (),
     ) -> None:
         self.active = rank == 0
         self.out_dir = Path(out_dir)
         self.tokens_per_step = tokens_per_step
         self.writer = None
         self.bar = None
+        self.total_steps = total_steps
+        self.sinks: list[MetricsSink] = list(sinks) if self.active else []
         self._last_step = initial_step
         self._last_time = time.perf_counter()
+        self.progress = progress and self.active
         if not self.active:
             return
         if enabled_tensorboard:
@@ -196,23 +219,26 @@ class MetricsLogger:
                     "or set train.tensorboard=false"
                 ) from e
             self.writer = SummaryWriter(log_dir=str(self.out_dir / "tb"))
-        if progress:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
+        # the bar appears at the first step, so the step-0 validation line is printed before it and
+        # does not make the bar draw its first line twice
+        self._bar_pending = progress
+        self._initial_step = initial_step
 
     def _write(
         self, tags: dict[str, str], prefix: str, step: int, metrics: dict[str, Any]
     ) -> dict[str, float]:
-        values = {}
+        values, tagged = {}, {}
         for key, value in _strip_prefix(metrics, prefix).items():
             v = _to_float(value)
             if v is None:
                 continue
             values[key] = v
+            tag = tags.get(key, key if "/" in key else f"{prefix}/{key}")
+            tagged[tag] = v
             if self.writer is not None:
-                tag = tags.get(key, key if "/" in key else f"{prefix}/{key}")
                 self.writer.add_scalar(tag, v, step)
+        for sink in self.sinks:
+            sink.log_scalars(step, step * self.tokens_per_step, tagged, kind=prefix)
         return values
 
     def log_step(self, step: int, metrics: dict[str, Any]) -> None:
@@ -233,6 +259,11 @@ class MetricsLogger:
             tokens = (step - self._last_step) * self.tokens_per_step
             metrics["tokens_per_s"] = tokens / (now - self._last_time)
         values = self._write(self.STEP_TAGS, "train", step, metrics)
+        if self._bar_pending:
+            from tqdm.auto import tqdm
+
+            self._bar_pending = False
+            self.bar = tqdm(total=self.total_steps, initial=self._initial_step, unit="step", dynamic_ncols=True)
         if self.bar is not None:
             postfix = {}
             if "loss" in values:
@@ -240,7 +271,13 @@ class MetricsLogger:
             if "tokens_per_s" in values:
                 postfix["tok/s"] = f"{values['tokens_per_s']:.3g}"
             self.bar.set_postfix(postfix, refresh=False)
-            if step > self.bar.n:
+            if step >= self.total_steps:
+                # the last step: close() draws the final line once (an update would draw it as well, and
+                # a later bar.write would redraw it again)
+                self.bar.n = step
+                self.bar.close()
+                self.bar = None
+            elif step > self.bar.n:
                 self.bar.update(step - self.bar.n)
         self._last_step, self._last_time = step, now
 
@@ -259,16 +296,28 @@ class MetricsLogger:
         if loss is not None and metrics.get("ppl") is None:
             metrics["ppl"] = math.exp(loss) if loss < 709.0 or math.isnan(loss) else math.inf
         values = self._write(self.EVAL_TAGS, "val", step, metrics)
-        if self.bar is not None and "loss" in values:
-            self.bar.write(f"step {step}: val/loss {values['loss']:.4f} val/ppl {values['ppl']:.4g}")
+        if self.progress and "loss" in values:
+            message = f"step {step}: val/loss {values['loss']:.4f} val/ppl {values['ppl']:.4g}"
+            if self.bar is not None:
+                self.bar.write(message)  # above the bar, which is redrawn below it
+            else:  # after the last step the bar is closed
+                print(message, flush=True)
 
     def log_histogram(self, tag: str, values: Any, step: int) -> None:
         """Write a TensorBoard histogram of ``values`` (e.g. tokens per expert) under ``tag``; no-op off rank 0."""
         if self.active and self.writer is not None:
             self.writer.add_histogram(tag, torch.as_tensor(values, dtype=torch.float64), step)
+        for sink in self.sinks:
+            sink.log_histogram(tag, values, step, step * self.tokens_per_step)
+
+    def checkpoint(self, step: int) -> None:
+        """A checkpoint of ``step`` was saved: the sinks update what they keep on disk (``curves.png``)."""
+        for sink in self.sinks:
+            sink.checkpoint(step)
 
     def close(self) -> None:
-        """Flush and close the TensorBoard writer and the progress bar (idempotent)."""
+        """Flush and close the TensorBoard writer, the progress bar and the sinks (idempotent)."""
+        self._bar_pending = False
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
@@ -276,6 +325,9 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close()
 
     def __enter__(self) -> MetricsLogger:
         return self
