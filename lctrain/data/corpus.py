@@ -127,7 +127,11 @@ def _column(ds, text_key: str, source: str, locate: Callable[[int], str] | None 
             f"{source} has no column '{text_key}'; columns found: {', '.join(columns) or '(none)'}. "
             f"Set data.text_key to the column holding the document text."
         )
-    values = ds.with_format("arrow")[text_key].to_pylist()
+    feature = ds.features.get(text_key)
+    if getattr(feature, "dtype", None) in ("string", "large_string"):  # fast: straight from Arrow
+        values = ds.with_format("arrow")[text_key].to_pylist()
+    else:  # numbers, or JSON values of mixed types (datasets' Json feature): decoded Python values
+        values = list(ds.with_format(None)[text_key])
     for i, v in enumerate(values):
         if v is not None and not isinstance(v, str):
             where = locate(i) if locate is not None else ""
@@ -173,9 +177,13 @@ def _load_files(files: list[Path], text_key: str, cache_dir: Path, select: _RowF
         locate = None
         if select is None:  # rows are the files' rows: a bad value can be traced to its line
             locate = lambda row, group=group, builder=builder: _row_location(group, builder, row)  # noqa: E731
-        else:
-            ds = select(ds, source)
-        docs += _column(ds, "text" if builder == "text" else text_key, source, locate)
+        try:
+            if select is not None:
+                ds = select(ds, source)
+            docs += _column(ds, "text" if builder == "text" else text_key, source, locate)
+        except UnicodeDecodeError as e:  # a reader that stored the bytes as they were (compressed JSON)
+            problem = next((p for p in (_diagnose(f, builder, text_key) for f in group) if p is not None), None)
+            raise DataError(problem or f"{source}: invalid UTF-8 ({e})") from e
     return docs
 
 

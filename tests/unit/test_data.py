@@ -139,6 +139,63 @@ def test_corpus_errors(tmp_path):
         load_documents(str(ok), split="validation", cache_dir=cache)
 
 
+@pytest.mark.parametrize("name, content, fragments", [
+    ("cut.jsonl", b'{"text": "a"}\n\n{"text": "b\n{"text": "c"}\n', ["cut.jsonl line 3", "not valid JSON"]),
+    ("list.jsonl", b'{"text": "a"}\n[1, 2]\n', ["list.jsonl line 2", "a JSON array, not an object"]),
+    ("mixed.jsonl", b'{"text": "a"}\n{"text": 5}\n', ["row 1 (", "mixed.jsonl line 2)", "must hold strings"]),
+    ("array.json", b'[{"text": "a"},\n {"text": }]\n', ["array.json line 2", "not valid JSON"]),
+    ("blank.jsonl", b"\n  \n", ["blank.jsonl holds only blank lines"]),
+    ("latin1.txt", b"ok line\ncaf\xe9\n", ["invalid UTF-8 at byte offset 11", "(line 2)", "bytes e9"]),
+    ("latin1.jsonl.gz", gzip.compress(b'{"text": "caf\xe9"}\n'), ["byte offset 13 (after decompression)"]),
+])
+def test_unreadable_files_are_named_with_their_line(tmp_path, name, content, fragments):
+    from lctrain.errors import DataError
+
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError) as e:
+        load_documents(str(tmp_path / name), cache_dir=tmp_path / "cache")
+    for frag in fragments:
+        assert frag in str(e.value), (frag, str(e.value))
+
+
+def test_unreachable_hub_dataset_is_a_data_error(tmp_path, monkeypatch):
+    import datasets
+
+    from lctrain.errors import DataError
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match="cannot load hub dataset 'hf:nobody/no-such-dataset'"):
+        load_documents("hf:nobody/no-such-dataset", cache_dir=tmp_path / "cache")
+
+
+def test_startup_helpers_without_a_process_group():
+    from lctrain.errors import ConfigError
+    from lctrain.train.startup import agree, main_first, on_main
+
+    assert main_first(lambda: 7) == 7
+    agree(None)
+    with pytest.raises(ConfigError, match="boom"):
+        agree(ConfigError("boom"))
+    with pytest.raises(ConfigError, match="held"):
+        on_main(lambda: (_ for _ in ()).throw(ConfigError("held")))
+
+
+def test_skipped_documents_and_empty_files_are_counted(tmp_path, caplog):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_jsonl(shards / "a.jsonl", [{"text": "one"}, {"text": None}, {"text": "  "}, {"text": ""}, {"text": "two"}])
+    (shards / "b.jsonl").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="lctrain.data.corpus"):
+        docs = load_documents(str(shards), cache_dir=tmp_path / "cache")
+    assert docs == ["one", "two"]
+    assert "skipped 1 of 2 files" in caplog.text and "b.jsonl (empty)" in caplog.text
+    assert "skipped 3 of 5 documents" in caplog.text and "(1 null, 2 empty or whitespace-only" in caplog.text
+    caplog.clear()
+    load_documents(str(shards), cache_dir=tmp_path / "cache", quiet=True)
+    assert "skipped" not in caplog.text
+
+
 def test_split_documents():
     docs = [f"doc{i}" for i in range(10)]
     train, val = split_documents(docs, 0.2, seed=7)
