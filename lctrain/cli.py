@@ -29,7 +29,8 @@ def run_with_exit_codes(run: Callable[[], object]) -> int:
 
     0 done; 2 :class:`~lctrain.errors.ConfigError` (bad configuration or input, one ``error:`` line,
     no traceback; printed by rank 0 only when several ranks run); 3 ``NonFiniteLossError``;
-    4 ``TrainingStopped`` (signal, checkpoint saved); 5 ``CheckpointSaveError``; 6 is the parent watchdog's own exit (:mod:`lctrain.train.safety`).
+    4 ``TrainingStopped`` (signal, checkpoint saved); 5 ``CheckpointSaveError``; 6 is the parent
+    watchdog's own exit (:mod:`lctrain.train.safety`).
     Shared by ``lctrain-train`` / ``launch/train.py`` and ``launch/upcycle.py``.
     """
     from lctrain.errors import ConfigError, ErrorOnAnotherRank

@@ -14,11 +14,11 @@ class DataError(ConfigError):
 
 
 class DataFileNotFoundError(DataError, FileNotFoundError):
-    """A data file named by the configuration does not exist (both a :class:`DataError` and a ``FileNotFoundError``)."""
+    """A data file named by the configuration does not exist (a :class:`DataError` and a ``FileNotFoundError``)."""
 
 
 class ErrorOnAnotherRank(ConfigError):
-    """A start-up check failed on another rank, which reports it; this rank ends with exit code 2 and prints nothing.
+    """A start-up check failed on another rank, which reports it; this rank exits with code 2 silently.
 
     Raised on the ranks other than 0 by :func:`lctrain.train.startup.main_first` and
     :func:`lctrain.train.startup.agree`, so that a check that ran on one rank ends every rank
