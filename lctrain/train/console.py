@@ -14,13 +14,13 @@ from typing import Any
 
 
 def kernel_plan_lines(trainer: Any) -> list[str]:
-    """The kernel plan part of the start-up report (hook: shows the plan object when the trainer has one).
+    """The kernel plan part of the start-up report.
 
-    With a ``trainer.kernel_plan`` that has ``table()`` (:class:`lctrain.kernels.plan.KernelPlan`),
-    its table; otherwise the ``model.kernels`` choice and what ``auto`` resolves to on this device.
+    A trainer with a ``kernel_plan`` (:class:`lctrain.kernels.plan.KernelPlan`, resolved before
+    the data is built): its table, one line per op; without one, the ``model.kernels`` choice.
     """
     plan = getattr(trainer, "kernel_plan", None)
-    if plan is not None and callable(getattr(plan, "table", None)):
+    if plan is not None:
         return plan.table().splitlines()
     kernels = trainer.cfg.model.kernels
     device = trainer.device.type
@@ -90,6 +90,6 @@ def open_sinks(trainer: Any) -> list:
     if run is not None:
         sinks.append(run)
     if t.curves and trainer.env.is_main:
-        title = f"{cfg.recipe}{' (' + cfg.scale + ')' if cfg.scale else ''}: {trainer.out_dir}"
+        title = f"{cfg.recipe}{' (' + cfg.scale + ')' if cfg.scale else ''}: {t.out_dir}"
         sinks.append(RunHistory(trainer.out_dir, initial_step=trainer.state.step, title=title))
     return sinks

@@ -62,6 +62,25 @@ def _running_mean(ys: list[float], window: int) -> list[float]:
     return out
 
 
+def _tokens_label(x: float, _pos=None) -> str:
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= scale:
+            return f"{x / scale:g}{unit}"
+    return f"{x:g}"
+
+
+def run_title(run_dir: str | os.PathLike) -> str:
+    """``recipe (scale): run_dir`` from the run's ``config.yaml`` (just ``run_dir`` without one)."""
+    cfg = Path(run_dir) / "config.yaml"
+    if not cfg.is_file():
+        return str(run_dir)
+    from omegaconf import OmegaConf
+
+    c = OmegaConf.load(cfg)
+    recipe, scale = c.get("recipe", ""), c.get("scale", "")
+    return f"{recipe}{' (' + scale + ')' if scale else ''}: {run_dir}"
+
+
 def plot_curves(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
     """Draw the curves of ``rows`` (``metrics.jsonl`` rows) into the PNG ``path``.
 
@@ -77,6 +96,7 @@ def plot_curves(rows: list[dict], path: str | os.PathLike, title: str = "") -> P
     from lctrain.eval.plots import _pyplot, _save
 
     plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
     tasks = sorted({tag for r in rows if r["kind"] == "val" for tag in r["scalars"]
                     if tag.endswith("/accuracy") and not tag.startswith("val/")})
     has_routing = any("moe/load_max_mean" in r["scalars"] for r in rows if r["kind"] == "train")
@@ -90,6 +110,8 @@ def plot_curves(rows: list[dict], path: str | os.PathLike, title: str = "") -> P
     for ax, panel in zip(flat, panels, strict=False):
         ax.grid(alpha=0.3)
         ax.set_xlabel("tokens")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6))
+        ax.xaxis.set_major_formatter(FuncFormatter(_tokens_label))
         if panel == "loss":
             x, y, _ = _series(rows, "train", "train/loss")
             if x:
@@ -213,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {run / METRICS_FILE} does not exist or is empty (written by runs of train.curves=true)",
               file=sys.stderr)
         return 2
-    print(plot_curves(rows, run / CURVES_FILE, str(run)))
+    print(plot_curves(rows, run / CURVES_FILE, run_title(run)))
     return 0
 
 
