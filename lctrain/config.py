@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lctrain.errors import ConfigError
+from lctrain.kernels.plan import resolve_kernel_plan
 from lctrain.layers.attention import AttentionConfig
 from lctrain.layers.gated_deltanet import GatedDeltaNetConfig
 from lctrain.layers.lightning import LightningConfig
@@ -58,7 +60,10 @@ class ModelConfig:
     of chosen blocks into mixtures of experts. ``ffn_hidden_size = 0`` means round(8/3 *
     d_model) up to a multiple of 64. ``lora_mixer`` wraps the projections of chosen mixers with
     routed LoRA experts. ``kernels``: compute path of every op (``auto`` picks Triton
-    on CUDA and torch elsewhere). ``activation_checkpointing``: recompute each block in backward
+    on CUDA and torch elsewhere), resolved once at model build into the kernel plan
+    (:mod:`lctrain.kernels.plan`). ``kernel_plan_device``: the device type the plan is resolved
+    for (``auto``: the run's device; ``cuda`` on a CPU machine runs the CUDA plan with the Triton
+    kernels under ``TRITON_INTERPRET=1``, for tests). ``activation_checkpointing``: recompute each block in backward
     (applied from outside by the parallel package's ``parallelize()``). ``parallel_block``: each block
     computes ``x + mixer(norm(x)) + ffn(norm(x))`` (parallel layers, GPT-J / PaLM) instead of the
     sequential pre-norm residual pair. ``loss_chunk_size``: > 0 computes the training loss from the
@@ -77,6 +82,7 @@ class ModelConfig:
     init_std: float = 0.02
     ffn_hidden_size: int = 0
     kernels: str = "auto"
+    kernel_plan_device: str = "auto"
     activation_checkpointing: bool = False
     parallel_block: bool = False
     loss_chunk_size: int = 0
@@ -216,6 +222,15 @@ class TrainConfig:
     progress: bool = True
     compile: bool = False  # torch.compile each block (applied by parallelize, before data parallelism)
     compile_backend: str = "inductor"  # inductor | aot_eager | eager (torch.compile backends)
+    # rank 0 draws out_dir/curves.png (losses, learning rate, routing balance, eval tasks) at each checkpoint and
+    # at the end, from out_dir/metrics.jsonl (lctrain.train.curves)
+    curves: bool = True
+    # Weights & Biases (pip install -e ".[wandb]"): rank 0 logs the TensorBoard scalars and the resolved config;
+    # a resumed run continues the W&B run whose id is in out_dir/wandb_run_id (lctrain.train.wandb_logger)
+    wandb: bool = False
+    wandb_project: str = "lctrain"
+    wandb_name: str = ""  # "" = the name of train.out_dir
+    wandb_mode: str = "online"  # online | offline (files under out_dir/wandb, `wandb sync` later) | disabled
 
 
 @dataclass
@@ -234,6 +249,7 @@ class RunConfig:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.kernels": ("auto", "triton", "torch"),
+    "model.kernel_plan_device": ("auto", "cpu", "cuda"),
     "parallel.dp_impl": ("ddp", "fsdp", "deepspeed"),
     "parallel.cp_impl": ("ring", "ulysses", "usp"),
     "parallel.backend": ("auto", "gloo", "nccl"),
@@ -242,6 +258,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.dtype": ("auto", "fp32", "bf16"),
     "train.nan_policy": ("stop", "skip"),
     "train.compile_backend": ("inductor", "aot_eager", "eager"),
+    "train.wandb_mode": ("online", "offline", "disabled"),
 }
 
 CP_IMPLS = ("ring", "ulysses", "usp")
@@ -432,6 +449,41 @@ def check_mixers_context_parallel(m: ModelConfig, cp_degree: int, cp_impl: str, 
                  prefix=f"model.{spec.section}")
 
 
+def check_mixers_kernel_limits(m: ModelConfig, choice: dict[str, str]) -> None:
+    """Start-up checks of every mixer in ``m.layer_pattern`` against the kernels the plan picked.
+
+    Each mixer section's ``check_kernel_limits(choice, prefix)`` hook compares its sizes with the
+    limits of :mod:`lctrain.kernels.limits` (head dims, chunk sizes), so a limit that only a GPU
+    kernel has stops the run before anything is built.
+
+    Args:
+        m: the model section.
+        choice: :attr:`lctrain.kernels.plan.KernelPlan.choice` (op name -> ``triton`` | ``torch``).
+
+    Raises:
+        ConfigError: naming the key, its limit and the alternative.
+    """
+    for letter in dict.fromkeys(m.layer_pattern + m.final_layers):
+        spec = MIXERS[letter]
+        hook = getattr(mixer_config(m, spec), "check_kernel_limits", None)
+        if hook is not None:
+            hook(choice, prefix=f"model.{spec.section}")
+
+
+def _check_kernel_limits(m: ModelConfig) -> None:
+    """The kernel plan's limits for the target device (``model.kernel_plan_device``; ``auto``: CUDA
+    when this process sees a GPU), checked with the rest of the config (the trainer checks again
+    with the run's device)."""
+    target = m.kernel_plan_device
+    if target == "auto":
+        target = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        plan = resolve_kernel_plan(m.kernels, target, expert_impl=m.moe.expert_impl)
+    except ImportError as e:
+        raise ConfigError(f"model.kernels={m.kernels}: {e}") from None
+    check_mixers_kernel_limits(m, plan.choice)
+
+
 def _check_data_path(path: str) -> None:
     """``data.path`` must name a built-in corpus, an existing local file/directory, ``hf:NAME`` or ``megatron:...``."""
     from lctrain.data.corpus import resolve_path
@@ -485,6 +537,7 @@ def validate(cfg: RunConfig) -> None:
     for letter in dict.fromkeys(m.layer_pattern + m.final_layers):  # each mixer section in use, validated by its layer
         spec = MIXERS[letter]
         mixer_config(m, spec).validate(prefix=f"model.{spec.section}")
+    _check_kernel_limits(m)
     m.moe.validate(m.n_layers)
     m.lora_mixer.validate()
     _require(m.ffn_hidden_size >= 0, "model.ffn_hidden_size", m.ffn_hidden_size, "must be >= 0 (0 = 8/3 d_model)")
@@ -510,6 +563,10 @@ def validate(cfg: RunConfig) -> None:
              "allowed values are auto (the newest complete checkpoint of train.out_dir, if any), none, or the path "
              "of an existing checkpoint directory (e.g. runs/x/checkpoints/step_00000100)")
     _check_data_path(d.path)
+    if t.wandb:
+        from lctrain.train.wandb_logger import check_wandb_installed
+
+        check_wandb_installed()  # ConfigError naming the extra
     _require(p.dp_degree == -1 or p.dp_degree >= 1, "parallel.dp_degree", p.dp_degree, "must be -1 (auto) or >= 1")
     if p.cp_degree > 1 or p.ulysses_degree > 1:  # zigzag chunks, Ulysses head split, conv halo
         check_mixers_context_parallel(m, p.cp_degree, p.cp_impl, p.ulysses_degree, d.seq_len)

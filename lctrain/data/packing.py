@@ -22,6 +22,7 @@ import torch
 
 from lctrain.data.corpus import corpus_fingerprint
 from lctrain.data.tokenizer import Tokenizer, atomic_write
+from lctrain.kernels.varlen import attach_host_bounds
 
 IGNORE_INDEX = -100
 _ENCODE_CHUNK = 1024  # documents per batched encode call (bounds the Python-int lists held at once)
@@ -152,7 +153,9 @@ def collate_packed(samples: Sequence[dict[str, torch.Tensor]]) -> dict:
 
         - ``input_ids``, ``labels``, ``position_ids``: int64 ``[1, S*L]``;
         - ``cu_seqlens``: int32 ``[N+1]``, cumulative segment starts (document starts and window
-          starts), ``cu_seqlens[0] == 0`` and ``cu_seqlens[-1] == S*L``;
+          starts), ``cu_seqlens[0] == 0`` and ``cu_seqlens[-1] == S*L``, with its host record
+          (:func:`lctrain.kernels.varlen.attach_host_bounds`; carry it to the device with
+          :func:`lctrain.kernels.varlen.with_host_bounds`);
         - ``max_seqlen``: int, longest segment;
         - ``num_tokens``: int, number of labels ``!= -100`` (the loss denominator).
 
@@ -167,6 +170,7 @@ def collate_packed(samples: Sequence[dict[str, torch.Tensor]]) -> dict:
     doc_lens = torch.cat([s["doc_lens"] for s in samples]).to(torch.int64)
     cu_seqlens = torch.zeros(len(doc_lens) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.cumsum(doc_lens, 0).to(torch.int32)
+    attach_host_bounds(cu_seqlens)  # the one host copy of the boundaries every layer reads
     return {
         "input_ids": input_ids,
         "labels": labels,

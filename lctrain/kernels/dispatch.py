@@ -55,13 +55,14 @@ def check_kernels(kernels: str, what: str) -> str:
 
 
 # What ``kernels="auto"`` picks on CUDA, per op: True = the Triton kernel, False = the torch path.
-# No GPU run has measured them yet (benchmarks/gpu_check.py is ready for one), so auto stays on the
-# safest path: dense softmax attention uses torch SDPA (its flash backend is mature and at least as
-# fast as a first Triton kernel); the linear-attention and MoBA ops use Triton, since their torch
-# paths are CPU reference paths (python loops over chunks) with no fast CUDA equivalent. Revisit
-# each entry with the numbers of a gpu_check run (see benchmarks/README.md).
+# Softmax attention takes the Triton FlashAttention-2 kernels: the training batches are packed
+# documents, and the torch path has no fused kernel that takes ``cu_seqlens`` and returns the
+# log-sum-exp (it loops over documents, and ring blocks would fall back to the dense [Tq, Tk]
+# reference). The linear-attention and MoBA ops use Triton, since their torch paths are CPU
+# reference paths (python loops over chunks). No GPU run has measured these yet
+# (benchmarks/gpu_check.py is ready for one): revisit each entry with its numbers.
 AUTO_TRITON_ON_CUDA: dict[str, bool] = {
-    "softmax_attention": False,
+    "softmax_attention": True,
     "gated_delta_rule": True,
     "lightning_attn": True,
     "moba": True,

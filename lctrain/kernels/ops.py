@@ -136,3 +136,17 @@ class ShortConvOp(SequenceOp):
 
     def __call__(self, conv, x: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
         return conv(x, position_ids)
+
+
+def sequence_ops(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str, SequenceOp]]:
+    """``(module name, module, attribute, op)`` of every sequence op held by a submodule of ``model``.
+
+    What the kernel plan (:func:`lctrain.kernels.plan.apply_kernel_plan`) and context parallelism
+    walk to reach every mixer's ops.
+    """
+    found = []
+    for name, m in model.named_modules():
+        for attr, value in vars(m).items():
+            if isinstance(value, SequenceOp):
+                found.append((name, m, attr, value))
+    return found

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lctrain.errors import ConfigError
+from lctrain.kernels.limits import FLASH_MAX_HEAD_DIM, check_max
 from lctrain.kernels.dispatch import check_kernels
 from lctrain.kernels.ops import SoftmaxAttentionOp
 from lctrain.kernels.softmax_attn import softmax_attention
@@ -57,6 +58,16 @@ class AttentionConfig:
     def rotary_dim(self) -> int:
         """Dims of each head that RoPE rotates: ``int(head_dim * partial_rotary_factor)``."""
         return int(self.head_dim * self.partial_rotary_factor)
+
+    def check_kernel_limits(self, choice: dict[str, str], prefix: str = "model.attn") -> None:
+        """Start-up check of the head dim against the softmax kernel the plan picked (``choice``:
+        :attr:`lctrain.kernels.plan.KernelPlan.choice`).
+
+        Raises:
+            ConfigError: ``head_dim`` above the Triton FlashAttention kernels' limit.
+        """
+        if choice.get("softmax_attention") == "triton":
+            check_max(self.head_dim, FLASH_MAX_HEAD_DIM, f"{prefix}.head_dim", "the Triton FlashAttention kernels")
 
     def validate(self, prefix: str = "model.attn") -> None:
         """Raise :class:`~lctrain.errors.ConfigError` naming the bad key and what is allowed."""

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lctrain.errors import ConfigError
+from lctrain.kernels.limits import GDN_TRITON_MAX_KEY_DIM, GDN_TRITON_MAX_VALUE_DIM, check_max
 from lctrain.kernels.dispatch import check_kernels
 from lctrain.kernels.norm import l2norm
 from lctrain.kernels.ops import GatedDeltaRuleOp, ShortConvOp
@@ -65,6 +66,19 @@ class GatedDeltaNetConfig:
     def head_v_dim(self) -> int:
         """V, the value dim per value head (``value_head_dim``, or ``head_dim * expand_v`` when 0)."""
         return self.value_head_dim or int(self.head_dim * self.expand_v)
+
+    def check_kernel_limits(self, choice: dict[str, str], prefix: str = "model.gdn") -> None:
+        """Start-up check of the head dims against the Gated DeltaNet kernel the plan picked.
+
+        Raises:
+            ConfigError: K (``head_dim``) or V (``value_head_dim`` / ``head_dim * expand_v``)
+                above the Triton chunk kernels' limits.
+        """
+        if choice.get("gated_delta_rule") == "triton":
+            what = "the Triton Gated DeltaNet kernels"
+            check_max(self.head_dim, GDN_TRITON_MAX_KEY_DIM, f"{prefix}.head_dim", what)
+            key = f"{prefix}.value_head_dim" if self.value_head_dim else f"{prefix}.head_dim * expand_v"
+            check_max(self.head_v_dim, GDN_TRITON_MAX_VALUE_DIM, key, what)
 
     def validate(self, prefix: str = "model.gdn") -> None:
         """Raise :class:`~lctrain.errors.ConfigError` naming the bad key and what is allowed."""

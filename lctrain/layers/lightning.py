@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lctrain.errors import ConfigError
+from lctrain.kernels.limits import LIGHTNING_TRITON_MAX_HEAD_DIM, check_chunk_size, check_max
 from lctrain.kernels.dispatch import check_kernels
 from lctrain.kernels.ops import LightningAttnOp
 from lctrain.layers.norm import rms_norm
@@ -40,6 +41,21 @@ class LightningConfig:
     num_heads: int = 4
     head_dim: int = 64
     chunk_size: int = 64
+
+    def check_kernel_limits(self, choice: dict[str, str], prefix: str = "model.lightning") -> None:
+        """Start-up check against the Lightning kernel the plan picked: head dim and chunk size.
+
+        Under context parallelism the state pass carries ``head_dim + head_dim`` value columns;
+        it runs in column blocks of at most the kernel's width, so no further limit applies.
+
+        Raises:
+            ConfigError: ``head_dim`` above the Triton kernels' limit, or ``chunk_size`` not a
+                power of two >= 16.
+        """
+        if choice.get("lightning_attn") == "triton":
+            what = "the Triton Lightning Attention kernels"
+            check_max(self.head_dim, LIGHTNING_TRITON_MAX_HEAD_DIM, f"{prefix}.head_dim", what)
+            check_chunk_size(self.chunk_size, f"{prefix}.chunk_size", what)
 
     def validate(self, prefix: str = "model.lightning") -> None:
         """Raise :class:`~lctrain.errors.ConfigError` naming the bad key and what is allowed."""

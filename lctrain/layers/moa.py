@@ -78,6 +78,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lctrain.errors import ConfigError
+from lctrain.kernels.limits import FLASH_MAX_HEAD_DIM, check_max
 from lctrain.kernels.dispatch import check_kernels
 from lctrain.kernels.ops import SoftmaxAttentionOp
 from lctrain.layers.rope import RotaryEmbedding, default_position_ids
@@ -139,6 +140,16 @@ class MoAConfig:
         """K/V heads the attention op sees: ``Hkv`` when shared, else ``N * Hkv``."""
         n = 1 if self.kv_shared else self.num_experts
         return n * self.num_kv_heads_per_expert
+
+    def check_kernel_limits(self, choice: dict[str, str], prefix: str = "model.moa") -> None:
+        """Start-up check of the head dim against the softmax kernel the plan picked (``choice``:
+        :attr:`lctrain.kernels.plan.KernelPlan.choice`).
+
+        Raises:
+            ConfigError: ``head_dim`` above the Triton FlashAttention kernels' limit.
+        """
+        if choice.get("softmax_attention") == "triton":
+            check_max(self.head_dim, FLASH_MAX_HEAD_DIM, f"{prefix}.head_dim", "the Triton FlashAttention kernels")
 
     def validate(self, prefix: str = "model.moa") -> None:
         """Raise :class:`~lctrain.errors.ConfigError` naming the bad key and what is allowed."""

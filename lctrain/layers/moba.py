@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from lctrain.errors import ConfigError
+from lctrain.kernels.limits import MOBA_TRITON_MAX_HEAD_DIM, check_max
 from lctrain.kernels.moba import moba_selected_fraction
 from lctrain.kernels.ops import MoBAAttentionOp
 from lctrain.layers.attention import Attention, AttentionConfig
@@ -51,6 +52,15 @@ class MoBAConfig:
     def attention(self) -> AttentionConfig:
         """The attention-shape part of this section."""
         return AttentionConfig(self.num_heads, self.num_kv_heads, self.head_dim, self.rope_theta, self.output_gate)
+
+    def check_kernel_limits(self, choice: dict[str, str], prefix: str = "model.moba") -> None:
+        """Start-up check of the head dim against the MoBA kernel the plan picked.
+
+        Raises:
+            ConfigError: ``head_dim`` above the Triton MoBA kernels' limit.
+        """
+        if choice.get("moba") == "triton":
+            check_max(self.head_dim, MOBA_TRITON_MAX_HEAD_DIM, f"{prefix}.head_dim", "the Triton MoBA kernels")
 
     def validate(self, prefix: str = "model.moba") -> None:
         """Raise :class:`~lctrain.errors.ConfigError` naming the bad key and what is allowed."""

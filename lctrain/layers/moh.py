@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lctrain.errors import ConfigError
+from lctrain.kernels.limits import FLASH_MAX_HEAD_DIM, check_max
 from lctrain.kernels.dispatch import check_kernels
 from lctrain.kernels.ops import SoftmaxAttentionOp
 from lctrain.layers.attention import AttentionConfig
@@ -125,6 +126,16 @@ class MoHConfig:
     def attention(self) -> AttentionConfig:
         """The attention-shape part of this section (for the checks shared with ``model.attn``)."""
         return AttentionConfig(self.num_heads, self.num_kv_heads, self.head_dim, self.rope_theta, self.output_gate)
+
+    def check_kernel_limits(self, choice: dict[str, str], prefix: str = "model.moh") -> None:
+        """Start-up check of the head dim against the softmax kernel the plan picked (``choice``:
+        :attr:`lctrain.kernels.plan.KernelPlan.choice`).
+
+        Raises:
+            ConfigError: ``head_dim`` above the Triton FlashAttention kernels' limit.
+        """
+        if choice.get("softmax_attention") == "triton":
+            check_max(self.head_dim, FLASH_MAX_HEAD_DIM, f"{prefix}.head_dim", "the Triton FlashAttention kernels")
 
     def validate(self, prefix: str = "model.moh") -> None:
         """Raise :class:`~lctrain.errors.ConfigError` naming the bad key and what is allowed.

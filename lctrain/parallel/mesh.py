@@ -124,19 +124,35 @@ def init_distributed(cfg: ParallelConfig, timeout_s: float = 600.0) -> DistEnv:
         backend = "nccl" if use_cuda else "gloo"
     if backend == "nccl" and not use_cuda:
         raise ConfigError("parallel.backend=nccl needs CUDA devices; use parallel.backend=gloo (or auto) on CPU")
-    if dist.is_initialized():
+    n_gpu = torch.cuda.device_count() if use_cuda else 0
+    if dist.is_initialized():  # a launcher made the group (Ray Train): this process still needs its device
         rank, world = dist.get_rank(), dist.get_world_size()
-        local_rank = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
+        local_rank = int(os.environ.get("LOCAL_RANK", str(rank % max(n_gpu, 1))))
+        device = _set_device(local_rank, n_gpu)
     elif "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) >= 1 and "MASTER_ADDR" in os.environ:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = _set_device(local_rank, n_gpu)
+        extra = {"device_id": device} if device.type == "cuda" else {}  # eager NCCL init bound to this GPU
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **extra)
     else:
-        return DistEnv(0, 1, 0, torch.device("cuda", 0) if use_cuda else torch.device("cpu"), None)
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+        return DistEnv(0, 1, 0, _set_device(0, n_gpu), None)
     return DistEnv(rank, world, local_rank, device, dist.get_backend())
+
+
+def _set_device(local_rank: int, n_gpu: int) -> torch.device:
+    """This process's device: ``cuda:(local_rank mod visible GPUs)``, made current, or the CPU.
+
+    Every process sets its device before any kernel launches, including processes whose group a
+    launcher created (Ray Train), so no worker launches on GPU 0 by default. With fewer visible
+    GPUs than local ranks (a launcher that restricts ``CUDA_VISIBLE_DEVICES`` per worker) the index
+    wraps around.
+    """
+    if n_gpu == 0:
+        return torch.device("cpu")
+    device = torch.device("cuda", local_rank % n_gpu)
+    torch.cuda.set_device(device)
+    return device
 
 
 def barrier() -> None:

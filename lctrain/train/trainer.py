@@ -31,11 +31,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lctrain.config import ConfigError, RunConfig, check_mixers_context_parallel, to_dict, to_yaml
+from lctrain.config import (
+    ConfigError,
+    RunConfig,
+    check_mixers_context_parallel,
+    check_mixers_kernel_limits,
+    to_dict,
+    to_yaml,
+)
 from lctrain.data import IGNORE_INDEX, build_data, collate_packed, data_fingerprint, next_micro_batches
 from lctrain.data.sampler import DistributedBatchSampler
 from lctrain.data.tokenizer import check_vocab
+from lctrain.errors import DataError
 from lctrain.layers.routing import routed_layers, set_aux_loss_scale
+from lctrain.kernels.plan import KernelPlan, apply_kernel_plan, resolve_kernel_plan
+from lctrain.kernels.varlen import host_bounds, with_host_bounds
 from lctrain.models import HybridLM
 from lctrain.parallel import parallelize
 from lctrain.parallel.context import shard_batch
@@ -48,6 +58,7 @@ from lctrain.train.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from lctrain.train.console import open_sinks, startup_report
 from lctrain.train.host_memory import peak_rss_mib, release_free_heap, set_malloc_mmap_threshold
 from lctrain.train.metrics import (
     MetricsLogger,
@@ -66,6 +77,7 @@ from lctrain.train.safety import (
     start_parent_watchdog,
 )
 from lctrain.train.schedule import build_scheduler
+from lctrain.train.startup import main_first, on_main
 
 
 class NonFiniteLossError(RuntimeError):
@@ -90,8 +102,37 @@ class TrainState:
     skipped_steps: list[int] = field(default_factory=list)
 
 
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def build_kernel_plan(cfg: RunConfig, device: torch.device) -> KernelPlan:
+    """The run's kernel plan: ``model.kernels`` for ``model.kernel_plan_device`` (``auto``: ``device``).
+
+    On a CUDA target, a plan that takes a dense block or a per-document loop (only with
+    ``model.kernels=torch``) is announced with a warning naming the ops.
+
+    Raises:
+        ConfigError: the plan cannot be built (e.g. ``auto`` on CUDA without triton).
+    """
+    m = cfg.model
+    target = device.type if m.kernel_plan_device == "auto" else m.kernel_plan_device
+    use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and target == "cuda")
+    try:
+        plan = resolve_kernel_plan(m.kernels, target, expert_impl=m.moe.expert_impl,
+                                   loss_chunk_size=m.loss_chunk_size,
+                                   compute_dtype=torch.bfloat16 if use_bf16 else torch.float32)
+    except (ImportError, ValueError) as e:
+        raise ConfigError(f"model.kernels={m.kernels}: {e}") from None
+    slow = plan.slow_paths()
+    if target == "cuda" and slow:
+        warnings.warn(
+            f"model.kernels={m.kernels} on CUDA takes reference paths for {', '.join(f'{k} ({v})' for k, v in slow.items())}: "
+            "dense [Tq, Tk] blocks or per-document loops; use model.kernels=auto for the fused kernels",
+            stacklevel=2,
+        )
+    return plan
+
+
+def _all_reduce_sum(values: list, device: torch.device) -> list[float]:
+    """Sum each value (float or 0-d tensor) over every rank; one host read for all of them."""
+    t = torch.stack([torch.as_tensor(v, device=device).to(torch.float64) for v in values])
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
@@ -114,8 +155,9 @@ class Trainer:
         ConfigError: the mesh does not match the world size, or the layout is impossible; another
             job holds ``train.out_dir`` (:class:`~lctrain.train.safety.LockHeldError`); the checkpoint
             to resume fails verification (:class:`~lctrain.train.checkpoint.CheckpointCorruptError`)
-            or was trained on other data.
-        ValueError: data problems (missing corpus, tokenizer/vocab mismatch).
+            or was trained on other data; :class:`~lctrain.errors.DataError` (a ConfigError): a
+            data file cannot be used, or the corpus is smaller than one global batch. A check that
+            runs on rank 0 only reaches every rank (:mod:`lctrain.train.startup`).
     """
 
     def __init__(self, cfg: RunConfig):
@@ -154,18 +196,11 @@ class Trainer:
         See :mod:`lctrain.train.safety`. Runs before anything is written to the directory.
         """
         t = self.cfg.train
-        error = None
-        if self.env.is_main:
-            try:
-                self.lock = RunLock(self.out_dir)
-            except ConfigError as e:
-                error = str(e)
-        if dist.is_initialized():
-            box = [error]
-            dist.broadcast_object_list(box, src=0)
-            error = box[0]
-        if error is not None:
-            raise ConfigError(error)
+
+        def lock() -> None:
+            self.lock = RunLock(self.out_dir)
+
+        on_main(lock)  # every rank raises if rank 0 cannot lock; rank 0 prints the message
         if t.exit_with_parent and launched_by_torchrun():
             start_parent_watchdog(before_exit=self._release_lock)
         if t.save_on_signal:
@@ -216,24 +251,39 @@ class Trainer:
         self.meshes = self.dims.build_meshes(self.env)
         self.dp_rank = self.meshes.dp_rank()
         self.device = self.env.device
+        # the kernel plan, resolved once for the target device; limits only a GPU kernel has are
+        # checked here, from the config, before any data or model is built
+        self.kernel_plan = build_kernel_plan(cfg, self.device)
+        check_mixers_kernel_limits(cfg.model, self.kernel_plan.choice)  # the plan is printed by the start-up report
 
     def _build_data(self) -> None:
-        """Tokenizer and packed datasets; rank 0 builds the caches first, the others then read them."""
+        """Tokenizer and packed datasets; rank 0 builds the caches first, the others then read them.
+
+        A data error on rank 0 (or later on any rank) reaches every rank through
+        :func:`~lctrain.train.startup.main_first`: all end with exit code 2, rank 0 prints the message.
+        """
         cfg = self.cfg
         cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out_dir.parent / ".cache" / "data"
-        if not self.env.is_main:
-            barrier()
-        self.tokenizer, self.train_set, self.val_set = build_data(
-            cfg.data, cfg.data.seq_len, cfg.model.vocab_size, cache_dir, rank=self.env.rank
-        )
-        if self.env.is_main:
-            barrier()
+
+        def build() -> tuple:
+            data = build_data(cfg.data, cfg.data.seq_len, cfg.model.vocab_size, cache_dir, rank=self.env.rank)
+            gbs, windows = cfg.train.global_batch_size, len(data[1])
+            if windows < gbs:
+                raise DataError(
+                    f"the training split of data.path='{cfg.data.path}' has {windows} windows of data.seq_len="
+                    f"{cfg.data.seq_len}, fewer than one global batch (train.global_batch_size={gbs}); use a larger "
+                    f"corpus, a smaller data.seq_len, or a smaller train.global_batch_size"
+                )
+            return data
+
+        self.tokenizer, self.train_set, self.val_set = main_first(build)
         check_vocab(self.tokenizer, cfg.model.vocab_size)
         self.data_fingerprint = data_fingerprint(cfg.data, self.tokenizer, self.train_set)
 
     def _build_model(self) -> None:
         """The single-device model, then :func:`lctrain.parallel.parallelize` from outside."""
         model = HybridLM(self.cfg.model).to(self.device)
+        apply_kernel_plan(model, self.kernel_plan)  # every sequence op follows the plan from here on
         self.num_params = sum(p.numel() for p in model.parameters())
         self.flops_per_token = model.flops_per_token(self.cfg.data.seq_len)
         self.has_routing = bool(routed_layers(model))
@@ -344,7 +394,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ compute
     def _to_device(self, batch: dict) -> dict:
-        return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        out = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        cu = batch.get("cu_seqlens")
+        if cu is not None:  # the boundaries' host copy (made at collation) travels with them: no device read
+            host_bounds(cu)
+            out["cu_seqlens"] = with_host_bounds(cu, self.device, non_blocking=True)
+        return out
 
     def forward_loss_sum(self, batch: dict) -> torch.Tensor:
         """Summed next-token cross entropy (fp32 scalar) over the labelled tokens of one packed micro-batch."""
@@ -376,14 +431,14 @@ class Trainer:
         self.model.train()
         # aux/z losses: mean over all micro-batches of the global batch; DDP averages over dp ranks
         set_aux_loss_scale(self.model, 1.0 / len(micro))
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)  # read once per step, not per micro-batch
         for i, batch in enumerate(micro):
             with self.dp.no_sync(enabled=i < len(micro) - 1):
                 ls = self.forward_loss_sum(batch)
                 if self.cfg.train.malloc_trim and self.device.type == "cpu":
                     release_free_heap()  # the step's peak comes next: the forward's freed heap pages go first
                 self.dp.backward(self.dp.scale_loss(ls, global_tokens))
-            loss_sum += float(ls.detach())
+            loss_sum += ls.detach().float()
         self.dp.finish_backward()
         (total,) = _all_reduce_sum([loss_sum], self.device)
         return total / global_tokens
@@ -472,9 +527,10 @@ class Trainer:
             return json.loads((self.out_dir / "summary.json").read_text())
         if self.env.is_main:
             (self.out_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            print(startup_report(self), flush=True)  # model, kernel plan, layout, where the run writes
         logger = MetricsLogger(
             self.out_dir, self.env.rank, t.tensorboard, t.progress, t.max_steps, self.tokens_per_step,
-            initial_step=self.state.step,
+            initial_step=self.state.step, sinks=open_sinks(self),  # curves.png, W&B (lctrain.train.console)
         )
         start_time = time.perf_counter()
         run_tokens, run_time = 0, 0.0
@@ -527,6 +583,7 @@ class Trainer:
                     self._evaluate_and_log(step, logger)
                 if t.checkpoint_every and step % t.checkpoint_every == 0 and step != t.max_steps:
                     last_ckpt = self.save()
+                    logger.checkpoint(step)  # curves.png redrawn
                 signum = self._stop_requested() if step != t.max_steps else None
                 if signum is not None:
                     if self.saved_step != step:
@@ -589,6 +646,7 @@ class Trainer:
                                      if self.head_routed else None),
             "num_params": self.num_params,
             "device": str(self.device),
+            "kernel_plan": self.kernel_plan.as_dict(),
             # host memory: peak resident set size of the largest rank, MiB (ru_maxrss)
             "peak_rss_mib": float(peak.item()),
         }

@@ -40,7 +40,7 @@ def test_shard_batch_keeps_true_positions_and_global_cu_seqlens():
     s1 = shard_batch(batch, 2, 1)
     assert s1["input_ids"].tolist() == [[2, 3, 4, 5]]
     assert s1["position_ids"].tolist() == [[2, 0, 1, 2]]
-    assert s1["labels"].tolist() == [[-100, 4, 5, 6]] and s1["local_num_tokens"] == 3
+    assert s1["labels"].tolist() == [[-100, 4, 5, 6]]
     assert s1["cu_seqlens"] is cu
     assert doc_ids(cu, torch.tensor([0, 2, 3, 7])).tolist() == [0, 0, 1, 1]
 
@@ -108,22 +108,15 @@ def test_blocks_merge_to_full_attention_and_backward_matches_autograd():
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
-def test_block_plan_of_zigzag_blocks():
+def test_pieces_of_zigzag_blocks():
     """Without documents the zigzag blocks are causal squares or full rectangles (flash-able)."""
-    from lctrain.parallel.context.ring import block_plan
+    from lctrain.parallel.context.ring import Piece, block_pieces
 
-    T, P = 16, 2
-    idx = [zigzag_indices(T, P, r) for r in range(P)]
-    zero = torch.zeros(T // P, dtype=torch.long)
-    own = block_plan(attention_mask(idx[1], idx[1], zero, zero))
-    below = block_plan(attention_mask(idx[1], idx[0], zero, zero))  # rank 1 queries, rank 0 keys
-    above = block_plan(attention_mask(idx[0], idx[1], zero, zero))
-    assert own == ("causal",)
-    assert below[0] == "sub" and below[1].tolist() == list(range(8)) and below[2].tolist() == [0, 1, 2, 3]
-    assert above[0] == "sub" and above[1].tolist() == [4, 5, 6, 7] and above[2].tolist() == list(range(8))
-    docs = doc_ids(torch.tensor([0, 6, 16], dtype=torch.int32), idx[1])
-    assert block_plan(attention_mask(idx[1], idx[1], docs, docs)) == ("dense",)
-    assert block_plan(torch.zeros(3, 3, dtype=torch.bool)) is None
+    runs = [[(0, 0, 4), (4, 12, 4)], [(0, 4, 4), (4, 8, 4)]]  # T=16, P=2: chunks (0, 3) and (1, 2)
+    assert block_pieces(runs[1], runs[1], None, True) == [Piece(0, 4, 0, 4, (4,)), Piece(4, 8, 0, 4),
+                                                          Piece(4, 8, 4, 8, (4,))]
+    assert block_pieces(runs[1], runs[0], None, True) == [Piece(0, 4, 0, 4), Piece(4, 8, 0, 4)]
+    assert block_pieces(runs[0], runs[1], None, True) == [Piece(4, 8, 0, 4), Piece(4, 8, 4, 8)]
 
 
 def test_apply_context_parallel_swaps_sequence_ops_and_refuses_unreachable_mixers():

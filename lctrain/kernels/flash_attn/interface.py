@@ -26,7 +26,8 @@ import torch
 import triton
 
 from lctrain.kernels.dispatch import triton_interpreting
-from lctrain.kernels.varlen import check_cu_seqlens
+from lctrain.kernels.limits import FLASH_MAX_HEAD_DIM
+from lctrain.kernels.varlen import check_cu_seqlens, max_seqlen
 from lctrain.kernels.flash_attn import triton_kernels as tk
 
 __all__ = ["flash_attn_bwd", "flash_attn_func", "flash_attn_fwd", "flash_attn_varlen_func"]
@@ -97,7 +98,7 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k):
         or v.dtype != q.dtype
     ):
         raise ValueError(f"q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[-1] > 256:
+    if q.shape[-1] > FLASH_MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be <= 256, got {q.shape[-1]}")
     if varlen and (cu_seqlens_q.shape != cu_seqlens_k.shape or cu_seqlens_q.dim() != 1):
         raise ValueError(
@@ -148,7 +149,7 @@ def _fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
     n_seq = cu_q.shape[0] - 1
     cfg = _config(D, backward=False, dtype=q.dtype)
     if total_q > 0 and n_seq > 0 and mq > 0:
-        grid = (triton.cdiv(mq, cfg["BLOCK_M"]), n_seq, Hq)
+        grid = (n_seq, triton.cdiv(mq, cfg["BLOCK_M"]), Hq)
         tk._fwd_kernel[grid](
             qp,
             kp,
@@ -212,7 +213,7 @@ def _bwd_impl(
         GROUP=Hq // Hkv, HAS_LEFT=wl >= 0, HAS_RIGHT=wr >= 0, DOT_PREC=_dot_precision(q.dtype), **cfg
     )
     if kp.shape[0] > 0 and n_seq > 0 and mk > 0:
-        tk._bwd_dkdv_kernel[(triton.cdiv(mk, cfg["BLOCK_N"]), n_seq, Hkv)](
+        tk._bwd_dkdv_kernel[(n_seq, triton.cdiv(mk, cfg["BLOCK_N"]), Hkv)](
             qp,
             kp,
             vp,
@@ -247,7 +248,7 @@ def _bwd_impl(
         dk.zero_()
         dv.zero_()
     if total_q > 0 and n_seq > 0 and mq > 0:
-        tk._bwd_dq_kernel[(triton.cdiv(mq, cfg["BLOCK_M"]), n_seq, Hq)](
+        tk._bwd_dq_kernel[(n_seq, triton.cdiv(mq, cfg["BLOCK_M"]), Hq)](
             qp,
             kp,
             vp,
@@ -403,7 +404,7 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def _max_seqlen(cu: torch.Tensor, given: int | None) -> int:
     if given is not None:
         return int(given)
-    return int((cu[1:] - cu[:-1]).max().item()) if cu.numel() > 1 else 0
+    return max_seqlen(cu)  # from the host record of the boundaries (one read if there is none)
 
 
 def flash_attn_fwd(

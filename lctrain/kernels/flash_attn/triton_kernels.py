@@ -107,8 +107,8 @@ def _fwd_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    seq = tl.program_id(1)
+    seq = tl.program_id(0)  # sequences on grid axis x (no 65,535 limit)
+    pid_m = tl.program_id(1)
     h = tl.program_id(2)
     q_start = tl.load(CU_Q + seq)
     k_start = tl.load(CU_K + seq)
@@ -216,8 +216,8 @@ def _bwd_dkdv_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    seq = tl.program_id(1)
+    seq = tl.program_id(0)  # sequences on grid axis x
+    pid_n = tl.program_id(1)
     hk = tl.program_id(2)
     q_start = tl.load(CU_Q + seq)
     k_start = tl.load(CU_K + seq)
@@ -316,8 +316,8 @@ def _bwd_dq_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    seq = tl.program_id(1)
+    seq = tl.program_id(0)  # sequences on grid axis x (no 65,535 limit)
+    pid_m = tl.program_id(1)
     h = tl.program_id(2)
     q_start = tl.load(CU_Q + seq)
     k_start = tl.load(CU_K + seq)

@@ -72,7 +72,7 @@ def fused_recurrent_gated_delta_rule(
     h0 = initial_state.contiguous() if initial_state is not None else ht
     BK, BV = _pow2(K), min(32, _pow2(V))
     if N > 0:
-        tk._fused_recurrent_kernel[((V + BV - 1) // BV, N * HV)](
+        tk._fused_recurrent_kernel[(N * HV, (V + BV - 1) // BV)](
             q, k, v, g, beta, h0, o, ht, seq_bos, seq_eos, float(scale),
             H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, HAS_H0=initial_state is not None, STORE_HT=True,
         )

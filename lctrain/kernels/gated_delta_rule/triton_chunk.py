@@ -27,6 +27,8 @@ import torch
 from lctrain.kernels.dispatch import triton_runnable
 from lctrain.kernels.gated_delta_rule.chunk import _validate
 from lctrain.kernels.norm import l2norm
+from lctrain.kernels.limits import GDN_TRITON_MAX_KEY_DIM, GDN_TRITON_MAX_VALUE_DIM
+from lctrain.kernels.varlen import host_bounds, with_host_bounds
 
 __all__ = ["chunk_gated_delta_rule_triton"]
 
@@ -46,7 +48,7 @@ def _tables(B: int, T: int, cu_seqlens: torch.Tensor | None, device: torch.devic
     if cu_seqlens is None:
         bounds = torch.arange(B + 1, dtype=torch.int64) * T
     else:
-        bounds = cu_seqlens.detach().to("cpu", torch.int64)
+        bounds = torch.tensor(host_bounds(cu_seqlens), dtype=torch.int64)  # the host record: no device read
     bos, eos = bounds[:-1], bounds[1:]
     n_chunks = (eos - bos + BT - 1) // BT
     chunk0 = torch.cumsum(n_chunks, 0) - n_chunks
@@ -74,7 +76,7 @@ def _check_runnable(x: torch.Tensor) -> None:
 def _sizes(q, v):
     _, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
-    if K > 256 or V > 4096:
+    if K > GDN_TRITON_MAX_KEY_DIM or V > GDN_TRITON_MAX_VALUE_DIM:
         raise ValueError(f"Triton gated delta rule supports head dims K <= 256, got K={K} V={V}")
     BK = _pow2(K)
     BV = min(64, _pow2(V))
@@ -119,7 +121,7 @@ def _forward_states(q, k, v, g, beta, initial_state, tabs, N, NT, BK, BV, lowp):
     vnew = torch.empty(TT, HV, V, dtype=inter, device=dev)
     ht = torch.empty(N, HV, K, V, dtype=torch.float32, device=dev)
     h0 = initial_state.contiguous() if initial_state is not None else ht
-    tk._fwd_h_kernel[(triton_cdiv(V, BV), N * HV)](
+    tk._fwd_h_kernel[(N * HV, triton_cdiv(V, BV))](
         k, w, u, gamma, h0, h, vnew, ht, seq_bos, seq_eos, seq_c0,
         H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_H0=initial_state is not None, **lowp, **_launch(BK),
     )
@@ -146,7 +148,7 @@ def _fwd_impl(q, k, v, g, beta, scale, initial_state, cu_seqlens):
     gamma, _, _, _, h, vnew, ht = _forward_states(q, k, v, g, beta, initial_state, tabs, N, NT, BK, BV, lowp)
     o = torch.empty_like(v)
     if NT > 0:
-        tk._fwd_o_kernel[(triton_cdiv(V, BV), NT, HV)](
+        tk._fwd_o_kernel[(NT, triton_cdiv(V, BV), HV)](
             q, k, vnew, h, gamma, o, tabs[3], tabs[4], scale,
             H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, **lowp, **_launch(BK),
         )
@@ -169,14 +171,14 @@ def _bwd_impl(do, dht, q, k, v, g, beta, scale, initial_state, cu_seqlens):
     gamma, x, w, _, h, vnew, _ = _forward_states(q, k, v, g, beta, initial_state, tabs, N, NT, BK, BV, lowp)
     dvl = torch.empty(TT, HV, V, dtype=torch.float32, device=dev)
     if NT > 0:
-        tk._bwd_dv_local_kernel[(triton_cdiv(V, BV), NT, HV)](
+        tk._bwd_dv_local_kernel[(NT, triton_cdiv(V, BV), HV)](
             q, k, gamma, do, dvl, ch_bos, ch_eos, scale,
             H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, **lowp, **_launch(BK),
         )
     dh = torch.empty_like(h)
     dnv = torch.empty_like(vnew)
     dh0 = torch.empty(N, HV, K, V, dtype=torch.float32, device=dev)
-    tk._bwd_dh_kernel[(triton_cdiv(V, BV), N * HV)](
+    tk._bwd_dh_kernel[(N * HV, triton_cdiv(V, BV))](
         q, k, w, gamma, do, dvl, dht.contiguous() if dht is not None else dh0, dh, dnv, dh0,
         seq_bos, seq_eos, seq_c0, scale,
         H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_DHT=dht is not None, **lowp, **_launch(BK),
@@ -333,6 +335,6 @@ def chunk_gated_delta_rule_triton(
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q), l2norm(k)
     if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(torch.int64)
+        cu_seqlens = with_host_bounds(cu_seqlens, dtype=torch.int64)  # the host record comes along
     o, ht = _fwd_op(q, k, v, g, beta, float(scale), initial_state, cu_seqlens)
     return o, (ht if output_final_state else None)

@@ -119,7 +119,7 @@ def _fwd_h_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """Sequential pass over the chunks of one sequence: states entering each chunk and nv."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)  # N * HV on grid axis x (no 65,535 limit)
     i_n, i_hv = i_nh // HV, i_nh % HV
     i_h = i_hv // (HV // H)
     bos = tl.load(seq_bos + i_n).to(tl.int64)
@@ -169,7 +169,7 @@ def _fwd_o_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """O = scale (Q exp(gamma)) S + tril(scale Q K^T * D) nv for one (V block, chunk, value head)."""
-    i_v, i_c, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_v, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # chunks on grid axis x
     i_h = i_hv // (HV // H)
     bos = tl.load(chunk_bos + i_c).to(tl.int64)
     eos = tl.load(chunk_eos + i_c).to(tl.int64)
@@ -212,7 +212,7 @@ def _bwd_dv_local_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """dnv_local = tril(scale Q K^T * D)^T dO for one (V block, chunk, value head)."""
-    i_v, i_c, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_v, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # chunks on grid axis x
     i_h = i_hv // (HV // H)
     bos = tl.load(chunk_bos + i_c).to(tl.int64)
     eos = tl.load(chunk_eos + i_c).to(tl.int64)
@@ -249,7 +249,7 @@ def _bwd_dh_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """Reverse sequential pass: dS' per chunk (stored in dh_out[c]), dnv, and dh0."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)  # N * HV on grid axis x (no 65,535 limit)
     i_n, i_hv = i_nh // HV, i_nh % HV
     i_h = i_hv // (HV // H)
     bos = tl.load(seq_bos + i_n).to(tl.int64)
@@ -418,7 +418,7 @@ def _fused_recurrent_kernel(
     BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
 ):
     """One token at a time: S <- exp(g) S; S <- S + k (beta (v - S^T k))^T; o = S^T (scale q)."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)  # N * HV on grid axis x (no 65,535 limit)
     i_n, i_hv = i_nh // HV, i_nh % HV
     i_h = i_hv // (HV // H)
     bos = tl.load(seq_bos + i_n).to(tl.int64)

@@ -9,6 +9,7 @@ DESIGN.md: this public function, :class:`LightningAttnFunction` (autograd), the 
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -17,6 +18,8 @@ import triton
 from lctrain.kernels.lightning_attn import triton_kernels as tk
 from lctrain.kernels.lightning_attn.chunk import _validate
 from lctrain.kernels.lightning_attn.naive import check_slope
+from lctrain.kernels.limits import LIGHTNING_TRITON_MAX_HEAD_DIM
+from lctrain.kernels.varlen import host_bounds
 
 __all__ = ["chunk_lightning_attn_triton"]
 
@@ -41,7 +44,7 @@ def _block_tables(cu: torch.Tensor, C: int, lengths: list[int]):
     """Global block enumeration (sequence-major): offsets [N+1], block -> (sequence, index)."""
     nblk = [(n + C - 1) // C for n in lengths]
     dev = cu.device
-    offsets = torch.tensor([0, *torch.tensor(nblk, dtype=torch.long).cumsum(0).tolist()], dtype=torch.int32)
+    offsets = torch.tensor([0, *itertools.accumulate(nblk)], dtype=torch.int32)
     seq = torch.repeat_interleave(
         torch.arange(len(nblk), dtype=torch.int32), torch.tensor(nblk, dtype=torch.long)
     )
@@ -50,7 +53,7 @@ def _block_tables(cu: torch.Tensor, C: int, lengths: list[int]):
         if nblk
         else torch.zeros(0, dtype=torch.int32)
     )
-    return offsets.to(dev), seq.to(dev), idx.to(dev), int(offsets[-1])
+    return offsets.to(dev), seq.to(dev), idx.to(dev), sum(nblk)
 
 
 class _Plan:
@@ -62,7 +65,8 @@ class _Plan:
             lengths = [T] * B
             self.cu = torch.arange(0, B + 1, dtype=torch.int32, device=q.device) * T
         else:
-            lengths = [int(x) for x in torch.diff(cu_seqlens.detach().cpu().long()).tolist()]
+            b = host_bounds(cu_seqlens)  # the host record: no device read
+            lengths = [e - s for s, e in zip(b[:-1], b[1:])]
             self.cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         self.N, self.H, self.C = len(lengths), H, C
         self.offsets, self.seq, self.idx, self.num_blocks = _block_tables(self.cu, C, lengths)
@@ -77,7 +81,7 @@ def _fwd(q, k, v, slope, scale, h0, plan: _Plan, output_final_state: bool):
     ht = torch.empty(plan.N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
     BK, BV = _state_tiles(K, V)
     if plan.N > 0:
-        tk._state_fwd[(triton.cdiv(K, BK), triton.cdiv(V, BV), plan.N * H)](
+        tk._state_fwd[(plan.N * H, triton.cdiv(K, BK), triton.cdiv(V, BV))](
             kp,
             vp,
             h0 if h0 is not None else states,
@@ -104,7 +108,7 @@ def _fwd(q, k, v, slope, scale, h0, plan: _Plan, output_final_state: bool):
     if plan.num_blocks > 0:
         fk, fv = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
         bv = fv if _interpreting() else min(fv, 64)
-        tk._output_fwd[(triton.cdiv(V, bv), plan.num_blocks, H)](
+        tk._output_fwd[(plan.num_blocks, triton.cdiv(V, bv), H)](
             qp,
             kp,
             vp,
@@ -145,7 +149,7 @@ def _bwd(do, dht, q, k, v, slope, scale, states, plan: _Plan, need_dh0: bool):
     dht = dht.float().contiguous() if dht is not None else None
     BK, BV = _state_tiles(K, V)
     if plan.N > 0:
-        tk._state_bwd[(triton.cdiv(K, BK), triton.cdiv(V, BV), plan.N * H)](
+        tk._state_bwd[(plan.N * H, triton.cdiv(K, BK), triton.cdiv(V, BV))](
             qp,
             dop,
             dht if dht is not None else dstates,
@@ -288,7 +292,7 @@ def chunk_lightning_attn_triton(
     check_slope(slope, H)
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16 for the Triton kernel, got {chunk_size}")
-    if K > 128 or v.shape[-1] > 128:
+    if K > LIGHTNING_TRITON_MAX_HEAD_DIM or v.shape[-1] > LIGHTNING_TRITON_MAX_HEAD_DIM:
         raise ValueError(f"head dims must be <= 128 for the Triton kernel, got K={K} V={v.shape[-1]}")
     if (
         q.dtype not in (torch.float16, torch.bfloat16, torch.float32)

@@ -56,9 +56,9 @@ def _state_fwd(
     BV: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid_k = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    pid_nh = tl.program_id(2)
+    pid_nh = tl.program_id(0)  # N * H on grid axis x (no 65,535 limit)
+    pid_k = tl.program_id(1)
+    pid_v = tl.program_id(2)
     n = pid_nh // num_heads
     h = pid_nh % num_heads
     start = tl.load(CU + n)
@@ -132,8 +132,8 @@ def _output_fwd(
     BV: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid_v = tl.program_id(0)
-    blk = tl.program_id(1)
+    blk = tl.program_id(0)  # blocks on grid axis x
+    pid_v = tl.program_id(1)
     h = tl.program_id(2)
     n = tl.load(BLOCK_SEQ + blk)
     c = tl.load(BLOCK_IDX + blk)
@@ -210,9 +210,9 @@ def _state_bwd(
     BV: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid_k = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    pid_nh = tl.program_id(2)
+    pid_nh = tl.program_id(0)  # N * H on grid axis x (no 65,535 limit)
+    pid_k = tl.program_id(1)
+    pid_v = tl.program_id(2)
     n = pid_nh // num_heads
     h = pid_nh % num_heads
     start = tl.load(CU + n)

@@ -30,7 +30,8 @@ from lctrain.kernels.moba import triton_kernels as tk
 from lctrain.kernels.moba.chunk import block_table, merge_parts, num_slots, pair_layout, select_blocks
 from lctrain.kernels.moba.naive import check_moba_inputs
 from lctrain.kernels.dispatch import triton_interpreting
-from lctrain.kernels.varlen import num_sequences
+from lctrain.kernels.limits import MOBA_TRITON_MAX_HEAD_DIM
+from lctrain.kernels.varlen import host_bounds, num_sequences, with_host_bounds
 
 __all__ = ["moba_attn_bwd", "moba_attn_fwd", "moba_attn_triton"]
 
@@ -69,15 +70,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _check_triton(q):
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"the Triton path takes fp16/bf16/fp32, got {q.dtype}")
-    if q.shape[-1] > 256:
+    if q.shape[-1] > MOBA_TRITON_MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be <= 256 for the Triton path, got {q.shape[-1]}")
 
 
 def _spans(cu_seqlens, T):
     if cu_seqlens is None:
         return [(0, T)]
-    bounds = cu_seqlens.tolist()
-    return list(itertools.pairwise(bounds))
+    return list(itertools.pairwise(host_bounds(cu_seqlens)))
 
 
 def _flat(x):
@@ -310,7 +310,7 @@ def moba_attn_fwd(
     check_moba_inputs(q, k, v, block_size, top_k, cu_seqlens)
     _check_triton(q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    cu = None if cu_seqlens is None else cu_seqlens.to(torch.int32)
+    cu = None if cu_seqlens is None else with_host_bounds(cu_seqlens, dtype=torch.int32)
     return _fwd_op(q, k, v, cu, block_size, top_k, scale)
 
 
@@ -351,7 +351,7 @@ def moba_attn_bwd(
     if sel.dim() != 4 or tuple(sel.shape[:3]) != (B, Hq, T) or sel.dtype != torch.int32:
         raise ValueError(f"sel must be int32 [B, Hq, T, K1], got {sel.dtype} {tuple(sel.shape)}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    cu = None if cu_seqlens is None else cu_seqlens.to(torch.int32)
+    cu = None if cu_seqlens is None else with_host_bounds(cu_seqlens, dtype=torch.int32)
     return _bwd_op(dout, q, k, v, out, lse, dlse, sel, cu, block_size, scale)
 
 

@@ -73,7 +73,9 @@ def grouped_swiglu(
         [N, D] in ``x.dtype``; differentiable with respect to ``x`` and both weights.
 
     Raises:
-        ValueError: unknown ``impl``, mismatched shapes, or counts not summing to N.
+        ValueError: unknown ``impl``, mismatched shapes, or (``loop``) counts not summing to N.
+            The ``grouped`` path takes the counts as device offsets and reads nothing back
+            (the router produces them, summing to N by construction).
         RuntimeError: ``impl='grouped'`` where ``torch._grouped_mm`` cannot run these operands.
     """
     E, D, F2 = gate_up_proj.shape
@@ -84,9 +86,6 @@ def grouped_swiglu(
             f"shape mismatch: x {tuple(x.shape)}, tokens_per_expert {tuple(tokens_per_expert.shape)}, "
             f"gate_up_proj {tuple(gate_up_proj.shape)}, down_proj {tuple(down_proj.shape)}"
         )
-    counts = tokens_per_expert.tolist()
-    if sum(counts) != x.shape[0]:
-        raise ValueError(f"tokens_per_expert sums to {sum(counts)} but x has {x.shape[0]} rows")
     supported = grouped_mm_supported(x, gate_up_proj, down_proj)
     if impl == "grouped" and not supported:
         raise RuntimeError(
@@ -106,6 +105,9 @@ def grouped_swiglu(
         h = _ContiguousGrad.apply(torch._grouped_mm(x.contiguous(), gate_up_proj, offs=offs))
         a = (F.silu(h[:, :Fh]) * h[:, Fh:]).contiguous()
         return _ContiguousGrad.apply(torch._grouped_mm(a, down_proj, offs=offs))
+    counts = tokens_per_expert.tolist()  # the loop path needs the counts on the host (one read)
+    if sum(counts) != x.shape[0]:
+        raise ValueError(f"tokens_per_expert sums to {sum(counts)} but x has {x.shape[0]} rows")
     outs = []
     start = 0
     for e, n in enumerate(counts):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from lctrain.kernels.dispatch import use_triton
 from lctrain.kernels.softmax_attn.block import attention_mask, block_attn_bwd, block_attn_fwd, merge_partial
-from lctrain.kernels.varlen import cu_seqlens_bounds
+from lctrain.kernels.varlen import cu_seqlens_bounds, with_host_bounds
 
 __all__ = ["attention_mask", "block_attn_bwd", "block_attn_fwd", "merge_partial", "softmax_attention"]
 
@@ -34,13 +34,15 @@ def softmax_attention(
 ) -> torch.Tensor:
     """Scaled dot-product attention (Vaswani et al. 2017, eq. 1) in the ``[B, T, H, Dh]`` layout.
 
-    Triton path (``use_triton(kernels, q, "softmax_attention")``: ``kernels="triton"``; ``auto``
-    on CUDA keeps SDPA until a GPU run says otherwise): :func:`lctrain.kernels.flash_attn.flash_attn_func`,
-    or ``flash_attn_varlen_func`` on ``q[0]`` when ``cu_seqlens`` is given (FlashAttention-2).
+    Triton path (``use_triton(kernels, q, "softmax_attention")``: ``kernels="triton"``, or
+    ``auto`` on CUDA; the kernel plan of :mod:`lctrain.kernels.plan`):
+    :func:`lctrain.kernels.flash_attn.flash_attn_func`, or ``flash_attn_varlen_func`` on ``q[0]``
+    when ``cu_seqlens`` is given (FlashAttention-2), with ``max_seqlen`` from the boundaries'
+    host record (no device read).
 
-    PyTorch path: ``F.scaled_dot_product_attention`` once for the batch, or once per document
-    when ``cu_seqlens`` is given (a host loop over ``cu_seqlens``; it costs one device sync and
-    no O(T^2) block mask).
+    PyTorch path (the CPU path): ``F.scaled_dot_product_attention`` once for the batch, or once
+    per document when ``cu_seqlens`` is given (a host loop over the recorded boundaries; no
+    O(T^2) block mask). CUDA runs never take the per-document loop under ``kernels=auto``.
 
     Args:
         q: [B, T, Hq, Dh] queries.
@@ -73,8 +75,8 @@ def softmax_attention(
 
         if bounds is None:
             return flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
-        max_len = max((e - s for s, e in itertools.pairwise(bounds)), default=0)
-        cu = cu_seqlens.to(torch.int32)
+        max_len = max((e - s for s, e in itertools.pairwise(bounds)), default=0)  # host record: no read
+        cu = with_host_bounds(cu_seqlens, dtype=torch.int32)
         o = flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, max_len, max_len, softmax_scale=scale, causal=causal)
         return o[None]
     # SDPA wants heads before time

@@ -21,7 +21,7 @@ from __future__ import annotations
 from torch import nn
 
 from lctrain.errors import ConfigError
-from lctrain.kernels.ops import SequenceOp
+from lctrain.kernels.ops import SequenceOp, sequence_ops
 from lctrain.parallel.context.conv_halo import cp_short_conv
 from lctrain.parallel.context.handle import CP_IMPLS, ContextParallel, build_context_parallel, cp_groups_from_mesh
 from lctrain.parallel.context.linear import cp_gated_delta_rule, cp_lightning_attn, state_passing
@@ -35,16 +35,6 @@ __all__ = [
     "cp_groups_from_mesh", "cp_lightning_attn", "cp_short_conv", "sequence_ops", "shard_batch", "shard_sequence",
     "state_passing", "unshard_sequence", "zigzag_indices",
 ]
-
-
-def sequence_ops(model: nn.Module) -> list[tuple[str, nn.Module, str, SequenceOp]]:
-    """``(module name, module, attribute, op)`` of every sequence op held by a submodule of ``model``."""
-    found = []
-    for name, m in model.named_modules():
-        for attr, value in vars(m).items():
-            if isinstance(value, SequenceOp):
-                found.append((name, m, attr, value))
-    return found
 
 
 def apply_context_parallel(model: nn.Module, cp: ContextParallel | None) -> nn.Module:

@@ -70,6 +70,22 @@ class ContextParallel:
         U = self.ulysses_degree
         return torch.cat([self.token_indices(global_len, i * U + u, device) for u in range(U)])
 
+    def ulysses_token_runs(self, global_len: int, ring_rank: int | None = None) -> list[tuple[int, int, int]]:
+        """The tokens of :meth:`ulysses_token_indices` as host runs ``(local start, global start, length)``.
+
+        One run per zigzag chunk (``2U`` of ``global_len / 2P`` tokens), in local order: what ring
+        attention plans its blocks from, without a device index tensor.
+        """
+        i = self.ring_rank if ring_rank is None else ring_rank
+        U, P = self.ulysses_degree, self.degree
+        c = global_len // (2 * P)
+        runs, local = [], 0
+        for u in range(U):
+            for ch in self.chunk_ids(i * U + u):
+                runs.append((local, ch * c, c))
+                local += c
+        return runs
+
 
 def build_context_parallel(
     cp_groups: list[list[int]], cp_impl: str = "ring", ulysses_degree: int = 1

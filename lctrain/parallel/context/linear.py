@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from lctrain.kernels.varlen import attach_host_bounds, host_bounds, with_host_bounds
 from lctrain.parallel.context.comm import all_gather_stack
 from lctrain.parallel.context.handle import ContextParallel
 
@@ -45,7 +46,7 @@ def chunk_pieces(
     s, e = chunk * c, (chunk + 1) * c
     if cu_seqlens is None:
         return [c], s > 0
-    starts = {int(x) for x in cu_seqlens[:-1].tolist()}
+    starts = set(host_bounds(cu_seqlens)[:-1])
     inner = sorted(x for x in starts if s < x < e)
     edges = [s, *inner, e]
     return [b - a for a, b in itertools.pairwise(edges)], s not in starts
@@ -59,6 +60,7 @@ def state_passing(
     per_token: tuple[torch.Tensor, ...],
     cu_seqlens: torch.Tensor | None,
     cp: ContextParallel,
+    max_value_dim: int | None = None,
 ) -> torch.Tensor:
     """Run a linear recurrence on this rank's zigzag shard with the exact incoming states.
 
@@ -71,6 +73,10 @@ def state_passing(
         per_token: further [B, T/P, HV] inputs of the kernel (gates), sharded like q.
         cu_seqlens: int32 [N + 1] *global* document boundaries (B == 1), or None.
         cp: the handle.
+        max_value_dim: the widest value head the kernel takes (e.g. 128 for the Lightning Triton
+            kernel); the state pass, whose values are ``V + K`` wide, then runs in column blocks
+            of at most this width (the columns of a linear recurrence evolve independently).
+            None: one call.
 
     Returns:
         o [B, T/P, HV, V] in ``v.dtype``, equal to this rank's rows of the single-device run.
@@ -92,9 +98,9 @@ def state_passing(
             single.append(len(pieces) == 1 and cont)
             continues.append(cont)
     N = len(lengths)
-    cu_local = torch.zeros(N + 1, dtype=torch.int32)
-    cu_local[1:] = torch.cumsum(torch.tensor(lengths), 0)
-    cu_local = cu_local.to(dev)
+    bounds_local = [0, *itertools.accumulate(lengths)]
+    cu_local = attach_host_bounds(torch.tensor(bounds_local, dtype=torch.int32), bounds_local)
+    cu_local = with_host_bounds(cu_local, dev, non_blocking=True)  # built on the host: no device read
     flat = lambda t: t.reshape(1, B * Tl, *t.shape[2:])
     gates = tuple(flat(t) for t in per_token)
     # state pass: value columns evolve independently, so one call with values [v | 0] from the
@@ -107,9 +113,17 @@ def state_passing(
         if cont:
             init[i, :, :, V:] = eye
 
+    W = V + K
+    step = W if max_value_dim is None else max(1, min(W, int(max_value_dim)))
+
     def final_states(q_, k_, v_, *g_):
         v_aug = torch.cat((v_, v_.new_zeros(()).expand(*v_.shape[:-1], K)), -1)
-        return kernel(q_, k_, v_aug, *g_, initial_state=init, cu_seqlens=cu_local)[1]
+        finals = [
+            kernel(q_, k_, v_aug[..., a:a + step].contiguous(), *g_,
+                   initial_state=init[..., a:a + step].contiguous(), cu_seqlens=cu_local)[1]
+            for a in range(0, W, step)
+        ]
+        return finals[0] if len(finals) == 1 else torch.cat(finals, -1)
 
     if torch.is_grad_enabled():
         final = checkpoint(final_states, flat(q), flat(k), flat(v), *gates, use_reentrant=False)
@@ -192,6 +206,7 @@ def cp_lightning_attn(
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
     kernel: Callable | None = None,
+    max_value_dim: int | None = None,
 ) -> torch.Tensor:
     """Lightning attention (Qin et al., arXiv:2401.04658) on a zigzag shard with state passing.
 
@@ -202,6 +217,8 @@ def cp_lightning_attn(
         q, k: [B, T/P, H, K]; v: [B, T/P, H, V]; slope: [H] (>= 0).
         cp, scale, cu_seqlens, chunk_size: as in :func:`cp_gated_delta_rule`.
         kernel: signature of ``chunk_lightning_attn`` (default: the torch chunked kernel).
+        max_value_dim: widest value head ``kernel`` takes (128 for the Triton kernel); the
+            ``V + K``-wide state pass is split into column blocks of at most this width.
 
     Returns:
         o [B, T/P, H, V] in ``v.dtype``.
@@ -217,4 +234,4 @@ def cp_lightning_attn(
             cu_seqlens=cu_seqlens, chunk_size=chunk_size,
         )
 
-    return state_passing(run, q, k, v, (), cu_seqlens, cp)
+    return state_passing(run, q, k, v, (), cu_seqlens, cp, max_value_dim=max_value_dim)

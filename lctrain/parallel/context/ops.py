@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from lctrain.errors import ConfigError
+from lctrain.kernels.dispatch import use_triton
+from lctrain.kernels.limits import LIGHTNING_TRITON_MAX_HEAD_DIM
 from lctrain.kernels.ops import (
     GatedDeltaRuleOp,
     LightningAttnOp,
@@ -90,8 +92,10 @@ class CPLightningAttnOp(ContextParallelOp):
     """``LightningAttnOp`` on a zigzag shard: state passing around the op's own (torch or Triton) kernel."""
 
     def __call__(self, q, k, v, slope, scale: float | None = None, cu_seqlens=None) -> torch.Tensor:
+        tri = use_triton(self.local.kernels, q, "lightning_attn")
         return cp_lightning_attn(q, k, v, slope, self.cp, scale=scale, cu_seqlens=cu_seqlens,
-                                 chunk_size=self.local.chunk_size, kernel=self.local.kernel(q))
+                                 chunk_size=self.local.chunk_size, kernel=self.local.kernel(q),
+                                 max_value_dim=LIGHTNING_TRITON_MAX_HEAD_DIM if tri else None)
 
 
 @dataclass

@@ -15,25 +15,34 @@ the FlashAttention-2 style block gradient computed from the final lse, and after
 accumulators are back at their owner. Both transfers overlap compute: the next K/V block and the
 accumulators (which are only needed after a block's gradients are computed) travel meanwhile.
 
-Masks use global token indices: ``q_index`` for this rank's queries and ``kv_index[j]`` for the
-keys held by ring rank ``j`` (plus document ids from the global ``cu_seqlens``), so the same code
-serves pure ring (zigzag shards) and USP (the Ulysses-gathered token sets).
+Which keys a query block sees is planned on the host, from the token runs each rank holds
+(``(local start, global start, length)``: the zigzag chunks, or the Ulysses-gathered chunks under
+USP) and the host record of the *global* ``cu_seqlens``
+(:func:`lctrain.kernels.varlen.host_bounds`): :func:`block_pieces` cuts every (query run, key
+run) pair at the document boundaries into full rectangles and causal squares (several
+documents of one chunk: one causal piece with its segments, a varlen call). No ``[Tq, Tk]``
+mask is ever built and nothing is read from the device; the plan is cached with the boundaries
+for every layer of the micro-batch.
 
-Block kernels: for the blocks the zigzag layout produces without document masks (a chunk pair
-against itself: causal; other ranks' chunks: a fully visible rectangle of rows x columns, see
-:func:`block_plan`) fused kernels with log-sum-exp that never hold a block's score matrix: the
-Triton FlashAttention-2 ``flash_attn_fwd`` / ``flash_attn_bwd`` when the layer's kernels choose
-Triton, PyTorch's fused CPU flash kernels on CPU otherwise (:func:`flash_kernels`). Blocks cut by
-document boundaries take the torch path of :mod:`~lctrain.kernels.softmax_attn.block` with the
-explicit mask.
+Block kernels (:func:`flash_kernels`): the Triton FlashAttention-2 ``flash_attn_fwd`` /
+``flash_attn_bwd`` (varlen for multi-document causal pieces) when the kernel plan says Triton
+(the CUDA plan), PyTorch's fused CPU flash kernels on CPU otherwise (a loop over the documents of
+a causal piece), and the fp32 dense reference (:mod:`~lctrain.kernels.softmax_attn.block`, per
+piece) only where neither exists (``model.kernels=torch`` on CUDA, announced at start-up).
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
-from lctrain.kernels.softmax_attn.block import attention_mask, block_attn_bwd, block_attn_fwd, merge_partial
+from lctrain.kernels.softmax_attn.block import block_attn_bwd, block_attn_fwd, merge_partial
+from lctrain.kernels.varlen import attach_host_bounds, host_bounds, host_cache, with_host_bounds
 
 
 def _start_shift(t: torch.Tensor, send_to: int, recv_from: int, group) -> tuple[torch.Tensor, list]:
@@ -51,141 +60,224 @@ def _wait(reqs: list) -> None:
         r.wait()
 
 
-def flash_kernels(use_flash: bool, device: torch.device | None = None):
-    """The fused ``(fwd, bwd)`` block kernels with log-sum-exp for this device, or None.
+@dataclass(frozen=True)
+class BlockKernels:
+    """The fused block kernels ring attention calls: ``fwd(q, k, v, softmax_scale=, causal=) ->
+    (out, lse [B, H, Tq])``, ``bwd(dout, q, k, v, out, lse, softmax_scale=, causal=) -> (dq, dk,
+    dv)``; ``varlen``: they also take ``cu_seqlens_q/k`` and ``max_seqlen_q/k`` on packed
+    ``[total, H, D]`` inputs (lse ``[H, total]``)."""
 
-    ``use_flash`` (the layer's kernel choice resolved for the device,
-    :func:`lctrain.kernels.dispatch.use_triton`): the Triton ``flash_attn_fwd`` /
+    fwd: Callable
+    bwd: Callable
+    varlen: bool
+    name: str
+
+
+def flash_kernels(use_flash: bool, device: torch.device | None = None) -> BlockKernels | None:
+    """The fused block kernels with log-sum-exp for this device, or None (dense reference).
+
+    ``use_flash`` (the kernel plan's softmax choice is Triton): the Triton ``flash_attn_fwd`` /
     ``flash_attn_bwd`` of :mod:`lctrain.kernels.flash_attn` (on CPU under ``TRITON_INTERPRET=1``).
     Otherwise, on CPU, PyTorch's fused CPU flash-attention kernels
     (:mod:`lctrain.kernels.softmax_attn.cpu_flash`), which never form a block's full score
-    matrix; elsewhere None (the dense torch block path).
+    matrix; elsewhere None: the per-piece dense fp32 reference.
     """
     if use_flash:
         from lctrain.kernels.flash_attn import flash_attn_bwd, flash_attn_fwd
 
-        return flash_attn_fwd, flash_attn_bwd
+        return BlockKernels(flash_attn_fwd, flash_attn_bwd, True, "triton_flash")
     if device is not None and device.type == "cpu":
         from lctrain.kernels.softmax_attn.cpu_flash import cpu_flash_attn_bwd, cpu_flash_attn_fwd
 
-        return cpu_flash_attn_fwd, cpu_flash_attn_bwd
+        return BlockKernels(cpu_flash_attn_fwd, cpu_flash_attn_bwd, False, "cpu_flash")
     return None
 
 
-def block_plan(mask: torch.Tensor):
-    """How to compute one (query block, key block) pair given its bool mask [Tq, Tk].
+Run = tuple[int, int, int]  # (local start, global start, length) of consecutive global tokens
 
-    Returns None (nothing visible: skip), ``("causal",)`` (square lower-triangular: a chunk
-    against itself without documents), ``("sub", rows, cols)`` (the visible part is the full
-    rectangle ``rows x cols``: the zigzag blocks of other ranks) or ``("dense",)`` (any other
-    mask, e.g. document boundaries: torch path with the explicit mask).
+
+@dataclass(frozen=True)
+class Piece:
+    """A part of one (query block, key block) pair that a fused kernel computes in one call.
+
+    Rows ``q0:q1`` attend columns ``k0:k1`` (local positions). ``segments``: None for a fully
+    visible rectangle; else the lengths of the causal squares it is made of (the same for rows
+    and columns, one per document; one entry: a plain causal square).
     """
-    rows, cols = mask.any(1), mask.any(0)
-    if not bool(rows.any()):
-        return None
-    Tq, Tk = mask.shape
-    if Tq == Tk and torch.equal(mask, torch.ones_like(mask).tril()):
-        return ("causal",)
-    if torch.equal(mask, rows[:, None] & cols[None, :]):
-        return ("sub", rows.nonzero().flatten(), cols.nonzero().flatten())
-    return ("dense",)
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    segments: tuple[int, ...] | None = None
 
 
-def _runs(idx: torch.Tensor) -> list[torch.Tensor]:
-    """Split local positions whose global indices ``idx`` are increasing into consecutive runs."""
-    if idx.numel() == 0:
-        return []
-    cut = (torch.diff(idx) != 1).nonzero().flatten() + 1
-    pos = torch.arange(idx.numel(), device=idx.device)
-    return list(torch.tensor_split(pos, cut.tolist()))
+def _docs_overlapping(bounds, lo: int, hi: int) -> range:
+    """Indices of the documents of ``bounds`` that intersect global tokens ``[lo, hi)``."""
+    return range(max(bisect.bisect_right(bounds, lo) - 1, 0), min(bisect.bisect_left(bounds, hi), len(bounds) - 1))
 
 
-def document_pieces(mask, q_index, k_index, q_doc, k_doc):
-    """Split a block whose mask is cut by document boundaries into fused-kernel pieces.
+def block_pieces(q_runs: Sequence[Run], k_runs: Sequence[Run], bounds: Sequence[int] | None,
+                 causal: bool) -> list[Piece]:
+    """Cut one (query block, key block) pair into fused-kernel pieces, on the host.
 
-    Per document, the rank's queries and keys form runs of consecutive global indices (a zigzag
-    chunk intersected with the document); every (query run, key run) pair of one document is
-    then empty, fully visible or causal (the same run). Returns ``("pieces", [(rows, cols,
-    causal), ...])`` with local row / column indices, or ``("dense",)`` when some pair is none of
-    these (the explicit-mask path).
+    Args:
+        q_runs, k_runs: the runs of consecutive global tokens of the query and key blocks,
+            ``(local start, global start, length)``.
+        bounds: the global document boundaries (``cu_seqlens`` as ints), or None (one sequence).
+        causal: key ``j`` visible to query ``i`` only if ``j <= i`` (global indices).
+
+    Returns:
+        The pieces: per (query run, key run) and document, the keys before the queries (a full
+        rectangle), the shared range (a causal square) and the queries after it over the shared
+        range (a full rectangle); the causal squares of consecutive documents of one run pair
+        are merged into one piece with ``segments``. Empty when nothing is visible.
     """
-    pieces = []
-    for d in torch.unique(q_doc).tolist():
-        q_pos = (q_doc == d).nonzero().flatten()
-        k_pos = (k_doc == d).nonzero().flatten()
-        if k_pos.numel() == 0:
-            continue
-        for rq in _runs(q_index[q_pos]):
-            rows = q_pos[rq]
-            for rk in _runs(k_index[k_pos]):
-                cols = k_pos[rk]
-                plan = block_plan(mask[rows][:, cols])
-                if plan is None:
+    if bounds is None:
+        hi = max([g + n for _, g, n in (*q_runs, *k_runs)], default=0)
+        bounds = (0, hi)
+    out: list[Piece] = []
+    for lq, gq, n in q_runs:
+        for lk, gk, m in k_runs:
+            if n == 0 or m == 0:
+                continue
+            span_lo, span_hi = min(gq, gk), max(gq + n, gk + m)
+            if causal and gk >= gq + n:
+                continue  # every key after every query
+            squares: list[tuple[int, int, int]] = []  # (q local, k local, length) of causal squares
+            for d in _docs_overlapping(bounds, span_lo, span_hi):
+                ds, de = bounds[d], bounds[d + 1]
+                qa, qb = max(gq, ds), min(gq + n, de)
+                ka, kb = max(gk, ds), min(gk + m, de)
+                if qa >= qb or ka >= kb:
                     continue
-                if plan[0] == "causal":
-                    pieces.append((rows, cols, True))
-                elif plan[0] == "sub":
-                    pieces.append((rows[plan[1]], cols[plan[2]], False))
-                else:
-                    return ("dense",)
-    return ("pieces", pieces)
+                ql, kl = lq - gq, lk - gk  # global -> local offsets of the two runs
+                if not causal:
+                    out.append(Piece(qa + ql, qb + ql, ka + kl, kb + kl))
+                    continue
+                if ka < min(kb, qa):  # keys before the first query: visible to all
+                    out.append(Piece(qa + ql, qb + ql, ka + kl, min(kb, qa) + kl))
+                oa, ob = max(ka, qa), min(kb, qb)  # the shared range: causal
+                if oa < ob:
+                    squares.append((oa + ql, oa + kl, ob - oa))
+                    if ob < qb:  # queries after the shared range see all of it
+                        out.append(Piece(ob + ql, qb + ql, oa + kl, ob + kl))
+            # merge causal squares that follow each other in rows and columns
+            i = 0
+            while i < len(squares):
+                j = i + 1
+                while (j < len(squares) and squares[j][0] == squares[j - 1][0] + squares[j - 1][2]
+                       and squares[j][1] == squares[j - 1][1] + squares[j - 1][2]):
+                    j += 1
+                q0, k0 = squares[i][0], squares[i][1]
+                segs = tuple(sq[2] for sq in squares[i:j])
+                out.append(Piece(q0, q0 + sum(segs), k0, k0 + sum(segs), segs))
+                i = j
+    return out
 
 
-def _flash_block_fwd(fwd, plan, q, k, v, scale):
-    if plan[0] == "causal":
-        o, lse = fwd(q, k, v, softmax_scale=scale, causal=True)
-        return o, lse
-    pieces = plan[1] if plan[0] == "pieces" else [(plan[1], plan[2], False)]
-    o = q.new_zeros(q.shape, dtype=torch.float32)
+def _causal_mask(segments, device) -> torch.Tensor:
+    """bool [n, n]: block-diagonal causal squares (the dense reference of a causal piece)."""
+    n = sum(segments)
+    seg = torch.repeat_interleave(torch.arange(len(segments), device=device),
+                                  torch.tensor(segments, device=device))
+    idx = torch.arange(n, device=device)
+    return (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])
+
+
+def _varlen_cu(segments, device) -> tuple[torch.Tensor, int]:
+    bounds = [0, *itertools.accumulate(segments)]
+    cu = attach_host_bounds(torch.tensor(bounds, dtype=torch.int32), bounds)
+    return with_host_bounds(cu, device, non_blocking=True), max(segments)
+
+
+def _piece_fwd(kern: BlockKernels | None, pc: Piece, q, k, v, scale):
+    """(out fp32 [B, n, Hq, D], lse fp32 [B, Hq, n]) of one piece."""
+    qs, ks, vs = q[:, pc.q0:pc.q1], k[:, pc.k0:pc.k1], v[:, pc.k0:pc.k1]
+    if kern is None:
+        mask = None if pc.segments is None else _causal_mask(pc.segments, q.device)
+        return block_attn_fwd(qs, ks, vs, mask, scale)
+    if pc.segments is None or len(pc.segments) == 1:
+        o, lse = kern.fwd(qs.contiguous(), ks.contiguous(), vs.contiguous(), softmax_scale=scale,
+                          causal=pc.segments is not None)
+        return o.float(), lse.float()
+    if kern.varlen:  # one call for the documents of the piece (B == 1 with documents)
+        cu, mx = _varlen_cu(pc.segments, q.device)
+        o, lse = kern.fwd(qs[0], ks[0], vs[0], softmax_scale=scale, causal=True, cu_seqlens_q=cu,
+                          cu_seqlens_k=cu, max_seqlen_q=mx, max_seqlen_k=mx)
+        return o[None].float(), lse[None].float()
+    outs, lses, a = [], [], 0  # CPU kernels without varlen: one call per document
+    for n in pc.segments:
+        o, lse = kern.fwd(qs[:, a:a + n].contiguous(), ks[:, a:a + n].contiguous(), vs[:, a:a + n].contiguous(),
+                          softmax_scale=scale, causal=True)
+        outs.append(o.float())
+        lses.append(lse.float())
+        a += n
+    return torch.cat(outs, 1), torch.cat(lses, 2)
+
+
+def _piece_bwd(kern: BlockKernels | None, pc: Piece, dout, q, k, v, out, lse, delta, scale):
+    """(dq [B, n, Hq, D], dk, dv [B, m, Hkv, D]) fp32: the piece's share of the gradients."""
+    rows, cols = slice(pc.q0, pc.q1), slice(pc.k0, pc.k1)
+    qs, ks, vs = q[:, rows], k[:, cols], v[:, cols]
+    if kern is None:
+        mask = None if pc.segments is None else _causal_mask(pc.segments, q.device)
+        return block_attn_bwd(dout[:, rows].float(), qs, ks, vs, lse[:, :, rows], delta[:, :, rows], mask, scale)
+    d_s, o_s, l_s = dout[:, rows].contiguous(), out[:, rows].contiguous(), lse[:, :, rows].contiguous()
+    if pc.segments is None or len(pc.segments) == 1:
+        g = kern.bwd(d_s, qs.contiguous(), ks.contiguous(), vs.contiguous(), o_s, l_s, softmax_scale=scale,
+                     causal=pc.segments is not None)
+        return tuple(t.float() for t in g)
+    if kern.varlen:
+        cu, mx = _varlen_cu(pc.segments, q.device)
+        g = kern.bwd(d_s[0], qs[0], ks[0], vs[0], o_s[0], l_s[0], softmax_scale=scale, causal=True,
+                     cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=mx, max_seqlen_k=mx)
+        return tuple(t[None].float() for t in g)
+    parts, a = [], 0
+    for n in pc.segments:
+        sl = slice(a, a + n)
+        parts.append(kern.bwd(d_s[:, sl].contiguous(), qs[:, sl].contiguous(), ks[:, sl].contiguous(),
+                              vs[:, sl].contiguous(), o_s[:, sl].contiguous(), l_s[:, :, sl].contiguous(),
+                              softmax_scale=scale, causal=True))
+        a += n
+    return tuple(torch.cat([p[i].float() for p in parts], 1) for i in range(3))
+
+
+def _block_fwd(kern, pieces, q, k, v, scale):
+    """Merged (out fp32 [B, Tq, Hq, D], lse fp32 [B, Hq, Tq]) of one block's pieces."""
+    o = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), device=q.device)
-    for rows, cols, causal in pieces:
-        o_s, lse_s = fwd(q[:, rows].contiguous(), k[:, cols].contiguous(), v[:, cols].contiguous(),
-                         softmax_scale=scale, causal=causal)
+    for pc in pieces:
+        o_s, lse_s = _piece_fwd(kern, pc, q, k, v, scale)
+        rows = slice(pc.q0, pc.q1)
         o_m, lse_m = merge_partial(o[:, rows], lse[:, :, rows], o_s, lse_s)  # a row may see several pieces
         o[:, rows] = o_m
         lse[:, :, rows] = lse_m
     return o, lse
 
 
-def _flash_block_bwd(bwd, plan, dout, q, k, v, out, lse, scale):
-    if plan[0] == "causal":
-        return bwd(dout, q, k, v, out, lse, softmax_scale=scale, causal=True)
-    pieces = plan[1] if plan[0] == "pieces" else [(plan[1], plan[2], False)]
+def _block_bwd(kern, pieces, dout, q, k, v, out, lse, delta, scale):
     dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (q, k, v))
-    for rows, cols, causal in pieces:  # with the final out / lse every piece's share is independent
-        sub = lambda t, rows=rows: t[:, rows].contiguous()  # noqa: E731
-        dq_s, dk_s, dv_s = bwd(sub(dout), sub(q), k[:, cols].contiguous(), v[:, cols].contiguous(), sub(out),
-                               lse[:, :, rows].contiguous(), softmax_scale=scale, causal=causal)
-        dq[:, rows] += dq_s.float()
-        dk[:, cols] += dk_s.float()
-        dv[:, cols] += dv_s.float()
+    for pc in pieces:  # with the final out / lse every piece's share is independent
+        dq_s, dk_s, dv_s = _piece_bwd(kern, pc, dout, q, k, v, out, lse, delta, scale)
+        dq[:, pc.q0:pc.q1] += dq_s
+        dk[:, pc.k0:pc.k1] += dk_s
+        dv[:, pc.k0:pc.k1] += dv_s
     return dq, dk, dv
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, q_index, q_doc, kv_index, kv_doc, ring, flash):
+    def forward(ctx, q, k, v, scale, plans, ring, kern):
         group, i, R, ranks = ring
         nxt, prv = ranks[(i + 1) % R], ranks[(i - 1) % R]
         kv = torch.stack((k, v)).contiguous()
         out = lse = None
-        plans = []  # per step; dense masks are rebuilt in backward rather than kept ([Tq, Tk] each)
         for s in range(R):
-            src = (i - s) % R
             if s < R - 1:
                 nxt_kv, reqs = _start_shift(kv, nxt, prv, group)
-            mask = attention_mask(q_index, kv_index[src], q_doc, kv_doc[src], causal)
-            plan = block_plan(mask)
-            if plan is not None and plan[0] == "dense" and flash is not None:  # documents cut the block
-                plan = document_pieces(mask, q_index, kv_index[src], q_doc, kv_doc[src])
-            if plan is not None and plan[0] != "dense" and flash is not None:
-                o_b, l_b = _flash_block_fwd(flash[0], plan, q, kv[0], kv[1], scale)
-            elif plan is not None:
-                plan = ("dense",)
-                o_b, l_b = block_attn_fwd(q, kv[0], kv[1], mask, scale)
-            plans.append(plan)
-            del mask
-            if plan is not None:
+            if plans[s]:
+                o_b, l_b = _block_fwd(kern, plans[s], q, kv[0], kv[1], scale)
                 out, lse = merge_partial(out, lse, o_b, l_b)
             if s < R - 1:
                 _wait(reqs)
@@ -194,8 +286,7 @@ class _RingAttention(torch.autograd.Function):
             out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
             lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), device=q.device)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plans, ctx.scale, ctx.ring, ctx.flash = plans, scale, ring, flash
-        ctx.index = (q_index, q_doc, kv_index, kv_doc, causal)
+        ctx.plans, ctx.scale, ctx.ring, ctx.kern = plans, scale, ring, kern
         return out.to(q.dtype)
 
     @staticmethod
@@ -203,30 +294,24 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         group, i, R, ranks = ctx.ring
         nxt, prv = ranks[(i + 1) % R], ranks[(i - 1) % R]
+        kern = ctx.kern
         dout = dout.float()
-        delta = (dout * out).sum(-1).transpose(1, 2)  # [B, Hq, Tq]
+        delta = (dout * out).sum(-1).transpose(1, 2) if kern is None else None  # [B, Hq, Tq]
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.stack((k, v)).contiguous()
         dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
         dreqs: list = []
-        q_index, q_doc, kv_index, kv_doc, causal = ctx.index
+        dout_k, out_k = (dout, out) if kern is None else (dout.to(q.dtype), out.to(q.dtype))
         for s in range(R):
-            src = (i - s) % R
             if s < R - 1:
                 nxt_kv, reqs = _start_shift(kv, nxt, prv, group)
             plan = ctx.plans[s]
-            if plan is not None:
-                if plan[0] == "dense":
-                    mask = attention_mask(q_index, kv_index[src], q_doc, kv_doc[src], causal)
-                    dq_b, dk_b, dv_b = block_attn_bwd(dout, q, kv[0], kv[1], lse, delta, mask, ctx.scale)
-                else:
-                    dq_b, dk_b, dv_b = _flash_block_bwd(
-                        ctx.flash[1], plan, dout.to(q.dtype), q, kv[0], kv[1], out.to(q.dtype), lse, ctx.scale
-                    )
+            if plan:
+                dq_b, dk_b, dv_b = _block_bwd(kern, plan, dout_k, q, kv[0], kv[1], out_k, lse, delta, ctx.scale)
                 dq += dq_b
             # the accumulators of this K/V block were in flight during the compute above
             _wait(dreqs)
-            if plan is not None:
+            if plan:
                 dkv[0] += dk_b
                 dkv[1] += dv_b
             if R > 1:  # the accumulators travel with their K/V block; after R hops they are home
@@ -235,15 +320,34 @@ class _RingAttention(torch.autograd.Function):
                 _wait(reqs)
                 kv = nxt_kv
         _wait(dreqs)
-        return (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)) + (None,) * 8
+        return (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)) + (None,) * 4
+
+
+def ring_plans(q_runs: Sequence[Run], kv_runs: Sequence[Sequence[Run]], cu_seqlens: torch.Tensor | None,
+               ring_rank: int, causal: bool) -> list[list[Piece]]:
+    """The pieces of every ring step (step ``s`` holds the keys of ring rank ``(i - s) mod R``).
+
+    Planned on the host from the boundaries' host record and cached with it, so the layers of a
+    micro-batch share one plan and nothing is read from the device.
+    """
+    R = len(kv_runs)
+    key = ("ring_plans", tuple(q_runs), tuple(map(tuple, kv_runs)), ring_rank, causal)
+    cache = host_cache(cu_seqlens) if cu_seqlens is not None else None
+    if cache is not None and key in cache:
+        return cache[key]
+    bounds = host_bounds(cu_seqlens) if cu_seqlens is not None else None
+    plans = [block_pieces(q_runs, kv_runs[(ring_rank - s) % R], bounds, causal) for s in range(R)]
+    if cache is not None:
+        cache[key] = plans
+    return plans
 
 
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    q_index: torch.Tensor,
-    kv_index: torch.Tensor,
+    q_runs: Sequence[Run],
+    kv_runs: Sequence[Sequence[Run]],
     cu_seqlens: torch.Tensor | None,
     ring: tuple,
     scale: float | None = None,
@@ -255,26 +359,26 @@ def ring_attention(
     Args:
         q: [B, Tq, Hq, Dh] this rank's queries; k, v: [B, Tk, Hkv, Dh] this rank's keys/values
             (``Hq % Hkv == 0``; every ring rank has the same shapes).
-        q_index: int64 [Tq] global token index of each query.
-        kv_index: int64 [R, Tk] global token indices of the keys held by each ring rank.
-        cu_seqlens: int32 [N + 1] *global* document boundaries (B == 1), or None.
+        q_runs: this rank's tokens as runs ``(local start, global start, length)`` covering ``Tq``.
+        kv_runs: for each ring rank ``j``, the runs of the keys it holds.
+        cu_seqlens: int32 [N + 1] *global* document boundaries (B == 1), or None; read through
+            its host record (:func:`lctrain.kernels.varlen.host_bounds`).
         ring: ``(group, ring_rank, ring_degree, global_ranks)`` of the ring.
         scale: logit scale, default ``Dh ** -0.5``.
         causal: causal mask on the global indices.
-        use_flash: block kernels from :mod:`lctrain.kernels.flash_attn` (see :func:`flash_kernels`)
-            for blocks whose mask is causal or a full rectangle; blocks cut by document
-            boundaries always take the torch path.
+        use_flash: the Triton flash block kernels (see :func:`flash_kernels`); else PyTorch's fused
+            CPU kernels on CPU and the dense fp32 reference elsewhere.
 
     Returns:
         [B, Tq, Hq, Dh] in ``q.dtype``; differentiable w.r.t. q, k, v.
-    """
-    from lctrain.parallel.context.zigzag import doc_ids
 
+    Raises:
+        ValueError: documents (``cu_seqlens``) with B != 1.
+    """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    q_doc = doc_ids(cu_seqlens, q_index)
-    kv_doc = doc_ids(cu_seqlens, kv_index)
-    flash = flash_kernels(use_flash, q.device)
-    return _RingAttention.apply(
-        q, k, v, float(scale), causal, q_index, q_doc, list(kv_index), list(kv_doc), ring, flash
-    )
+    if cu_seqlens is not None and q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens needs the packed layout with B == 1, got q{tuple(q.shape)}")
+    plans = ring_plans(q_runs, kv_runs, cu_seqlens, ring[1], causal)
+    kern = flash_kernels(use_flash, q.device)
+    return _RingAttention.apply(q, k, v, float(scale), plans, ring, kern)

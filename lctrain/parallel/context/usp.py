@@ -53,19 +53,18 @@ def context_parallel_attention(
             raise ValueError(f"num_heads={Hq} must be divisible by the Ulysses degree {U}")
         k, v = replicate_kv_heads(k, U), replicate_kv_heads(v, U)
         q, k, v = (seq_to_heads(t, cp.ulysses_group) for t in (q, k, v))
-    q_index = cp.ulysses_token_indices(T, device=q.device)
     if cp.ring_degree == 1:
         # every token of the sequence is here: attend in natural order with the fast local path
-        order = torch.argsort(q_index)
+        order = torch.argsort(cp.ulysses_token_indices(T, device=q.device))
         inv = torch.argsort(order)
         qs, ks, vs = (t.index_select(1, order) for t in (q, k, v))
         o = softmax_attention(qs, ks, vs, cu_seqlens=cu_seqlens, scale=scale, causal=causal, kernels=kernels)
         o = o.index_select(1, inv)
     else:
-        kv_index = torch.stack([cp.ulysses_token_indices(T, j, q.device) for j in range(cp.ring_degree)])
+        kv_runs = [cp.ulysses_token_runs(T, j) for j in range(cp.ring_degree)]
         ring = (cp.ring_group, cp.ring_rank, cp.ring_degree, cp.ring_global_ranks)
         o = ring_attention(
-            q, k, v, q_index, kv_index, cu_seqlens, ring, scale=scale, causal=causal,
+            q, k, v, kv_runs[cp.ring_rank], kv_runs, cu_seqlens, ring, scale=scale, causal=causal,
             use_flash=use_triton(kernels, q, "softmax_attention"),
         )
     if U > 1:

@@ -77,8 +77,8 @@ def shard_batch(batch: dict, cp_degree: int, cp_rank: int) -> dict:
 
     ``input_ids``, ``labels`` and ``position_ids`` ([B, T] each) become [B, T / P]; positions
     are computed from ``cu_seqlens`` first if missing, so they stay the true in-document positions.
-    ``cu_seqlens`` (global boundaries) and the other keys are passed through unchanged, and
-    ``local_num_tokens`` counts the labelled tokens of the shard.
+    ``cu_seqlens`` (global boundaries, with their host record) and the other keys are passed
+    through unchanged. Nothing is read back from the device.
 
     Raises:
         ValueError: T not divisible by ``2 * cp_degree``.
@@ -91,6 +91,4 @@ def shard_batch(batch: dict, cp_degree: int, cp_rank: int) -> dict:
     for key in ("input_ids", "labels", "position_ids"):
         if out.get(key) is not None:
             out[key] = shard_sequence(out[key], cp_degree, cp_rank, dim=1)
-    if out.get("labels") is not None:
-        out["local_num_tokens"] = int((out["labels"] != IGNORE_INDEX).sum())
     return out
