@@ -20,6 +20,14 @@ REPO = Path(__file__).resolve().parent.parent
 BUILTIN = REPO / "lctrain" / "data" / "builtin" / "pd_english.jsonl.gz"
 
 
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device every kernel test builds its tensors on: CUDA when present, else the CPU with
+    the Triton kernels under the interpreter (set above). tests/kernels/test_device_lint.py fails
+    on a kernel test that builds tensors anywhere else."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface (for gloo rendezvous in spawned tests)."""
     with socket.socket() as s:

@@ -15,18 +15,19 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def _inputs(N=37, D=16, V=50, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(N, D, generator=g, dtype=torch.float64).to(dtype)
-    w = (torch.randn(V, D, generator=g, dtype=torch.float64) * 0.5).to(dtype)
-    y = torch.randint(0, V, (N,), generator=g)
+def _inputs(N=37, D=16, V=50, dtype=torch.float64, seed=0, *, device):
+    """hidden [N, D], weight [V, D] in ``dtype`` and labels [N] (every 5th ignored), on ``device``."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    h = torch.randn(N, D, generator=g, dtype=torch.float64, device=device).to(dtype)
+    w = (torch.randn(V, D, generator=g, dtype=torch.float64, device=device) * 0.5).to(dtype)
+    y = torch.randint(0, V, (N,), generator=g, device=device)
     y[::5] = -100  # ignored rows
     return h, w, y
 
 
 @pytest.mark.parametrize("chunk", [1, 8, 37, 100])
-def test_matches_reference_loss_and_grads(chunk):
-    h, w, y = _inputs()
+def test_matches_reference_loss_and_grads(chunk, device):
+    h, w, y = _inputs(device=device)
     grads = []
     for fn in (lambda h, w: linear_cross_entropy(h, w, y, chunk_size=chunk), lambda h, w: linear_cross_entropy_naive(h, w, y)):
         hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
@@ -40,21 +41,21 @@ def test_matches_reference_loss_and_grads(chunk):
     assert dh1[::5].abs().max() == 0  # ignored rows get no gradient
 
 
-def test_gradcheck_fp64():
-    h, w, y = _inputs(N=9, D=4, V=7)
+def test_gradcheck_fp64(device):
+    h, w, y = _inputs(N=9, D=4, V=7, device=device)
     h, w = h.requires_grad_(True), w.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda h, w: linear_cross_entropy(h, w, y, chunk_size=4), (h, w))
 
 
-def test_fp32_loss_dtype_and_accuracy():
-    h, w, y = _inputs(dtype=torch.float32)
+def test_fp32_loss_dtype_and_accuracy(device):
+    h, w, y = _inputs(dtype=torch.float32, device=device)
     loss = linear_cross_entropy(h, w, y, chunk_size=8)
     assert loss.dtype == torch.float32
     assert abs(loss.item() - linear_cross_entropy_naive(h.double(), w.double(), y).item()) < 1e-5 * loss.item()
 
 
-def test_bf16_close_to_fp32_reference():
-    h, w, y = _inputs(N=64, D=32, V=96, dtype=torch.bfloat16, seed=1)
+def test_bf16_close_to_fp32_reference(device):
+    h, w, y = _inputs(N=64, D=32, V=96, dtype=torch.bfloat16, seed=1, device=device)
     hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
     loss = linear_cross_entropy(hh, ww, y, chunk_size=16)
     loss.backward()
@@ -66,8 +67,8 @@ def test_bf16_close_to_fp32_reference():
     assert _rel(hh.grad, ref_h.grad) < 2e-2 and _rel(ww.grad, ref_w.grad) < 2e-2
 
 
-def test_errors():
-    h, w, y = _inputs(dtype=torch.float32)
+def test_errors(device):
+    h, w, y = _inputs(dtype=torch.float32, device=device)
     with pytest.raises(ValueError, match="chunk_size"):
         linear_cross_entropy(h, w, y, chunk_size=0)
     with pytest.raises(ValueError, match=r"labels must be \[N=37\]"):
@@ -78,7 +79,7 @@ def test_errors():
         linear_cross_entropy(h[None], w, y)
 
 
-def test_model_chunked_loss_equals_logits_loss():
+def test_model_chunked_loss_equals_logits_loss(device):
     from lctrain.config import ModelConfig
     from lctrain.layers.attention import AttentionConfig
     from lctrain.layers.gated_deltanet import GatedDeltaNetConfig
@@ -91,11 +92,12 @@ def test_model_chunked_loss_equals_logits_loss():
             cfg = ModelConfig(vocab_size=96, d_model=32, n_layers=2, layer_pattern="GA", tie_embeddings=tie,
                               loss_chunk_size=chunk, attn=AttentionConfig(num_heads=2, num_kv_heads=1, head_dim=16),
                               gdn=GatedDeltaNetConfig(num_heads=2, head_dim=16))
-            model = HybridLM(cfg)
-            ids = torch.randint(0, 96, (1, 30), generator=torch.Generator().manual_seed(1))
+            model = HybridLM(cfg).to(device)
+            gen = torch.Generator(device=device).manual_seed(1)
+            ids = torch.randint(0, 96, (1, 30), generator=gen, device=device)
             labels = ids.roll(-1, 1)
             labels[0, -1] = -100
-            cu = torch.tensor([0, 11, 30], dtype=torch.int32)
+            cu = torch.tensor([0, 11, 30], dtype=torch.int32, device=device)
             loss = model(ids, cu_seqlens=cu, labels=labels)
             loss.backward()
             results.append((chunk, tie, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))

@@ -7,6 +7,8 @@ lse, dq, dk, dv (observed ~5e-7). One fp16 case uses 1e-2 (fp16 inputs, fp32 acc
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -32,12 +34,18 @@ def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
-def _inputs(shape_q, shape_kv, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(shape_q, generator=g).to(dtype).requires_grad_()
-    k = torch.randn(shape_kv, generator=g).to(dtype).requires_grad_()
-    v = torch.randn(shape_kv, generator=g).to(dtype).requires_grad_()
+def _inputs(shape_q, shape_kv, device, dtype=torch.float32, seed=0):
+    """q [shape_q], k and v [shape_kv], standard normal on ``device`` (leaves with gradients)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(shape_q, generator=g, device=device).to(dtype).requires_grad_()
+    k = torch.randn(shape_kv, generator=g, device=device).to(dtype).requires_grad_()
+    v = torch.randn(shape_kv, generator=g, device=device).to(dtype).requires_grad_()
     return q, k, v
+
+
+def _cu(lengths, device):
+    """int32 cu_seqlens [N + 1] of ``lengths`` on ``device``."""
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
 
 
 def _check(outs, refs, tol, names):
@@ -50,8 +58,8 @@ def _check(outs, refs, tol, names):
     "T,D,Hq,Hkv,causal",
     [(63, 32, 2, 1, True), (100, 64, 2, 2, False), (257, 32, 2, 1, True), (257, 64, 2, 1, False)],
 )
-def test_dense_matches_reference(T, D, Hq, Hkv, causal):
-    q, k, v = _inputs((2 if T < 200 else 1, T, Hq, D), (2 if T < 200 else 1, T, Hkv, D), seed=T + D)
+def test_dense_matches_reference(T, D, Hq, Hkv, causal, device):
+    q, k, v = _inputs((2 if T < 200 else 1, T, Hq, D), (2 if T < 200 else 1, T, Hkv, D), device, seed=T + D)
     out, lse = flash_attn_func(q, k, v, causal=causal, return_lse=True)
     ref_out, ref_lse = naive_attention(q, k, v, causal=causal)
     # the loss also uses lse, so its upstream gradient (folded into D_i) is checked too
@@ -65,11 +73,11 @@ def test_dense_matches_reference(T, D, Hq, Hkv, causal):
 
 
 @pytest.mark.parametrize("causal,window", [(True, (16, -1)), (False, (8, 20))])
-def test_sliding_window(monkeypatch, causal, window):
+def test_sliding_window(monkeypatch, causal, window, device):
     # 32-wide blocks so the window skips whole key/query blocks and cuts through others
     monkeypatch.setitem(interface.BLOCK_OVERRIDE, "BLOCK_M", 32)
     monkeypatch.setitem(interface.BLOCK_OVERRIDE, "BLOCK_N", 32)
-    q, k, v = _inputs((1, 100, 2, 32), (1, 100, 1, 32), seed=3)
+    q, k, v = _inputs((1, 100, 2, 32), (1, 100, 1, 32), device, seed=3)
     out, lse = flash_attn_func(q, k, v, causal=causal, window_size=window, return_lse=True)
     ref_out, ref_lse = naive_attention(q, k, v, causal=causal, window_size=window)
     dout = torch.randn_like(out)
@@ -78,11 +86,11 @@ def test_sliding_window(monkeypatch, causal, window):
     _check((out, lse, *grads), (ref_out, ref_lse, *ref_grads), TOL, ("out", "lse", "dq", "dk", "dv"))
 
 
-def test_varlen_documents():
+def test_varlen_documents(device):
     lengths = [37, 1, 90, 64, 20]
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    cu = _cu(lengths, device)
     total = int(cu[-1])
-    q, k, v = _inputs((total, 2, 32), (total, 1, 32), seed=5)
+    q, k, v = _inputs((total, 2, 32), (total, 1, 32), device, seed=5)
     out, lse = flash_attn_varlen_func(
         q, k, v, cu, cu, max(lengths), max(lengths), causal=True, return_lse=True
     )
@@ -99,12 +107,12 @@ def test_varlen_documents():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_raw_fwd_bwd_unequal_lengths(causal):
+def test_raw_fwd_bwd_unequal_lengths(causal, device):
     # ring attention's block pairs: query and key blocks of different lengths per sequence;
     # causal is bottom-right aligned (needs seqlen_q <= seqlen_k to leave no empty row)
-    cu_q = torch.tensor([0, 20, 70, 100], dtype=torch.int32)
-    cu_k = torch.tensor([0, 50, 80, 170], dtype=torch.int32)
-    q, k, v = _inputs((100, 2, 64), (170, 1, 64), seed=7)
+    cu_q = _cu([20, 50, 30], device)
+    cu_k = _cu([50, 30, 90], device)
+    q, k, v = _inputs((100, 2, 64), (170, 1, 64), device, seed=7)
     out, lse = flash_attn_fwd(q, k, v, 0.3, causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
     ref_out, ref_lse = naive_attention(q, k, v, 0.3, causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
     dout = torch.randn_like(out)
@@ -115,9 +123,9 @@ def test_raw_fwd_bwd_unequal_lengths(causal):
     _check((out, lse, *grads), (ref_out, ref_lse, *ref_grads), TOL, ("out", "lse", "dq", "dk", "dv"))
 
 
-def test_empty_rows_are_zero_with_minus_inf_lse():
+def test_empty_rows_are_zero_with_minus_inf_lse(device):
     # Tq > Tk with causal: the first Tq - Tk queries see no key
-    q, k, v = _inputs((1, 40, 2, 32), (1, 24, 2, 32), seed=9)
+    q, k, v = _inputs((1, 40, 2, 32), (1, 24, 2, 32), device, seed=9)
     out, lse = flash_attn_fwd(q, k, v, causal=True)
     ref_out, ref_lse = naive_attention(q, k, v, causal=True)
     assert torch.all(out[:, :16] == 0) and torch.all(lse[:, :, :16] == float("-inf"))
@@ -134,13 +142,13 @@ def _merge(o1, lse1, o2, lse2):
     return o1 - w * (o1 - o2), lse
 
 
-def test_bwd_with_merged_lse_gives_partial_gradients():
+def test_bwd_with_merged_lse_gives_partial_gradients(device):
     """Ring attention step: queries of the second half vs keys of the first half (full) and of
     the second half (causal diagonal). Merging the two (out, lse) pairs gives full causal
     attention; two flash_attn_bwd calls with the merged out/lse give gradients whose sum (dq)
     and concatenation (dk, dv) equal autograd through the full reference."""
     T = 64
-    q_all, k, v = _inputs((1, 2 * T, 2, 32), (1, 2 * T, 1, 32), seed=11)
+    q_all, k, v = _inputs((1, 2 * T, 2, 32), (1, 2 * T, 1, 32), device, seed=11)
     q = q_all[:, T:].detach().requires_grad_()
     o1, lse1 = flash_attn_fwd(q, k[:, :T], v[:, :T], causal=False)
     o2, lse2 = flash_attn_fwd(q, k[:, T:], v[:, T:], causal=True)
@@ -162,8 +170,8 @@ def test_bwd_with_merged_lse_gives_partial_gradients():
     assert rel_rms(dq_wrong + dq2, ref_dq) > 1e-2
 
 
-def test_fp16_inputs():
-    q, k, v = _inputs((1, 100, 2, 64), (1, 100, 2, 64), dtype=torch.float16, seed=13)
+def test_fp16_inputs(device):
+    q, k, v = _inputs((1, 100, 2, 64), (1, 100, 2, 64), device, dtype=torch.float16, seed=13)
     out, lse = flash_attn_func(q, k, v, causal=True, return_lse=True)
     assert out.dtype == torch.float16
     ref_out, ref_lse = naive_attention(q, k, v, causal=True)
@@ -174,8 +182,8 @@ def test_fp16_inputs():
     _check((out, lse, *grads), (ref_out, ref_lse, *ref_grads), 1e-2, ("out", "lse", "dq", "dk", "dv"))
 
 
-def test_torch_compile_fullgraph():
-    q, k, v = _inputs((1, 63, 2, 32), (1, 63, 1, 32), seed=17)
+def test_torch_compile_fullgraph(device):
+    q, k, v = _inputs((1, 63, 2, 32), (1, 63, 1, 32), device, seed=17)
 
     def f(q, k, v):
         out, lse = flash_attn_func(q, k, v, causal=True, return_lse=True)
@@ -190,13 +198,13 @@ def test_torch_compile_fullgraph():
     _check((loss, *grads), (ref_loss, *ref_grads), TOL, ("loss", "dq", "dk", "dv"))
 
 
-def test_validation_errors():
-    q = torch.randn(1, 8, 3, 16)
-    k = torch.randn(1, 8, 2, 16)
+def test_validation_errors(device):
+    q = torch.randn(1, 8, 3, 16, device=device)
+    k = torch.randn(1, 8, 2, 16, device=device)
     with pytest.raises(ValueError, match="Hq % Hkv"):
         flash_attn_func(q, k, k)
     with pytest.raises(ValueError, match="together"):
-        flash_attn_fwd(q[0], k[0], k[0], cu_seqlens_q=torch.tensor([0, 8], dtype=torch.int32))
+        flash_attn_fwd(q[0], k[0], k[0], cu_seqlens_q=_cu([8], device))
     with pytest.raises(ValueError, match=r"\[B, T, H, D\]"):
         flash_attn_func(q[0], k[0], k[0])
     with pytest.raises(ValueError, match="fp16/bf16/fp32"):

@@ -37,59 +37,56 @@ TOL_STRONG_DG = 1e-3
 TOL_MODEL = 1e-4
 TOL_HALF = 3e-3
 TOL_BF16 = 2e-2
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
+    a, b = a.detach().double(), b.detach().double()
     return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
-def make_case(B, T, H, K, V, HV=None, decay="normal", N=None, h0=True, seed=0):
-    """fp32 leaves q, k (L2-normalised), v, g, beta (+ initial_state) and the loss weights."""
+def make_case(B, T, H, K, V, HV=None, decay="normal", N=None, h0=True, seed=0, *, device):
+    """fp32 leaves q, k (L2-normalised) [B, T, H, K], v [B, T, HV, V], g, beta [B, T, HV]
+    (+ initial_state [N, HV, K, V]) and the loss weights (o's and the final state's shapes), on ``device``."""
     HV = HV or H
     N = N or B
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, H, K, generator=gen)
-    k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
-    v = torch.randn(B, T, HV, V, generator=gen)
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device)
+
+    q = randn(B, T, H, K)
+    k = F.normalize(randn(B, T, H, K), dim=-1)
+    v = randn(B, T, HV, V)
     if decay == "zero":
-        g = torch.zeros(B, T, HV)
+        g = torch.zeros(B, T, HV, device=device)
     elif decay == "normal":
-        g = F.logsigmoid(torch.randn(B, T, HV, generator=gen) + 2.0)
+        g = F.logsigmoid(randn(B, T, HV) + 2.0)
     elif decay == "strong":
-        g = -(5.0 + 15.0 * torch.rand(B, T, HV, generator=gen))  # g in [-20, -5]
+        g = -(5.0 + 15.0 * torch.rand(B, T, HV, generator=gen, device=device))  # g in [-20, -5]
     else:
         raise AssertionError(decay)
-    beta = torch.sigmoid(torch.randn(B, T, HV, generator=gen))
-    leaves = [q, k, v, g, beta] + ([torch.randn(N, HV, K, V, generator=gen)] if h0 else [])
-    weights = (torch.randn(B, T, HV, V, generator=gen), torch.randn(N, HV, K, V, generator=gen))
+    beta = torch.sigmoid(randn(B, T, HV))
+    leaves = [q, k, v, g, beta] + ([randn(N, HV, K, V)] if h0 else [])
+    weights = (randn(B, T, HV, V), randn(N, HV, K, V))
     return leaves, weights
 
 
-def run(fn, leaves, weights, device, **kw):
-    """Output, final state and gradients of every leaf, all returned on CPU."""
-    xs = [x.to(device).requires_grad_() for x in leaves]
+def run(fn, leaves, weights, **kw):
+    """Output, final state and gradients of every leaf (on the leaves' device)."""
+    xs = [x.detach().requires_grad_() for x in leaves]
     h0 = xs[5] if len(xs) > 5 else None
     o, s = fn(*xs[:5], initial_state=h0, output_final_state=True, **kw)
-    loss = (o * weights[0].to(device)).sum() + (s * weights[1].to(device)).sum()
+    loss = (o * weights[0]).sum() + (s * weights[1]).sum()
     grads = torch.autograd.grad(loss, xs)
-    return o.detach().cpu(), s.detach().cpu(), [gr.cpu() for gr in grads]
+    return o.detach(), s.detach(), list(grads)
 
 
 NAMES = ["dq", "dk", "dv", "dg", "dbeta", "dh0"]
 
 
 def check_against_naive(leaves, weights, tol_dg=TOL, **kw):
-    cu = kw.get("cu_seqlens")
-    o, s, grads = run(
-        chunk_gated_delta_rule_triton,
-        leaves,
-        weights,
-        DEV,
-        **{**kw, "cu_seqlens": cu.to(DEV) if cu is not None else None},
-    )
-    o_ref, s_ref, grads_ref = run(naive_recurrent_gated_delta_rule, leaves, weights, "cpu", **kw)
+    o, s, grads = run(chunk_gated_delta_rule_triton, leaves, weights, **kw)
+    o_ref, s_ref, grads_ref = run(naive_recurrent_gated_delta_rule, leaves, weights, **kw)
     errs = {"o": rel_rms(o, o_ref), "final_state": rel_rms(s, s_ref)}
     errs.update({n: rel_rms(a, b) for n, a, b in zip(NAMES, grads, grads_ref)})
     for name, err in errs.items():
@@ -105,30 +102,30 @@ def check_against_naive(leaves, weights, tol_dg=TOL, **kw):
         (1, 100, 1, 32, 64, "zero"),  # no decay at all (pure delta rule)
     ],
 )
-def test_chunk_matches_naive(B, T, H, K, V, decay):
-    leaves, weights = make_case(B, T, H, K, V, decay=decay)
+def test_chunk_matches_naive(B, T, H, K, V, decay, device):
+    leaves, weights = make_case(B, T, H, K, V, decay=decay, device=device)
     check_against_naive(leaves, weights)
 
 
-def test_varlen_strong_decay_grouped_value_heads():
+def test_varlen_strong_decay_grouped_value_heads(device):
     """T=200 packed into 4 documents (one empty, one of 2.5 chunks), HV = 2 * H, strong decay.
 
     (T=257 and more documents: the slow sweep and test_varlen_many_docs_matches_torch_chunk_path.)
     """
-    cu = torch.tensor([0, 30, 30, 190, 200], dtype=torch.int32)
-    leaves, weights = make_case(1, 200, 1, 32, 32, HV=2, decay="strong", N=4)
+    cu = torch.tensor([0, 30, 30, 190, 200], dtype=torch.int32, device=device)
+    leaves, weights = make_case(1, 200, 1, 32, 32, HV=2, decay="strong", N=4, device=device)
     check_against_naive(leaves, weights, tol_dg=TOL_STRONG_DG, cu_seqlens=cu)
 
 
-def test_no_initial_state_and_qk_l2norm():
+def test_no_initial_state_and_qk_l2norm(device):
     """use_qk_l2norm_in_kernel on unnormalised q, k equals the reference on l2-normalised inputs."""
-    leaves, weights = make_case(1, 70, 2, 32, 32, h0=False, seed=3)
+    leaves, weights = make_case(1, 70, 2, 32, 32, h0=False, seed=3, device=device)
     leaves[1] = leaves[1] * 3.0  # keys far from unit norm
-    xs = [x.to(DEV).requires_grad_() for x in leaves]
+    xs = [x.detach().requires_grad_() for x in leaves]
     o, s = chunk_gated_delta_rule_triton(*xs, output_final_state=True, use_qk_l2norm_in_kernel=True)
-    loss = (o * weights[0].to(DEV)).sum() + (s * weights[1].to(DEV)).sum()
+    loss = (o * weights[0]).sum() + (s * weights[1]).sum()
     grads = torch.autograd.grad(loss, xs)
-    ref = [x.clone().requires_grad_() for x in leaves]
+    ref = [x.detach().clone().requires_grad_() for x in leaves]
 
     def l2(x):
         return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + 1e-6)
@@ -141,20 +138,19 @@ def test_no_initial_state_and_qk_l2norm():
         assert rel_rms(a, b) < TOL, f"{name}: {rel_rms(a, b):.2e}"
 
 
-def test_fused_recurrent_and_decoding_match():
+def test_fused_recurrent_and_decoding_match(device):
     """fused_recurrent == naive (varlen, grouped heads, h0); prefill + token-by-token decode == chunked."""
-    cu = torch.tensor([0, 40, 97], dtype=torch.int32)
-    leaves, _ = make_case(1, 97, 1, 32, 32, HV=2, N=2, seed=5)
+    cu = torch.tensor([0, 40, 97], dtype=torch.int32, device=device)
+    leaves, _ = make_case(1, 97, 1, 32, 32, HV=2, N=2, seed=5, device=device)
     o_ref, s_ref = naive_recurrent_gated_delta_rule(
         *leaves[:5], initial_state=leaves[5], output_final_state=True, cu_seqlens=cu
     )
-    dev = [x.to(DEV) for x in leaves]
-    o, s = fused_recurrent_gated_delta_rule(*dev[:5], initial_state=dev[5], cu_seqlens=cu.to(DEV))
+    o, s = fused_recurrent_gated_delta_rule(*leaves[:5], initial_state=leaves[5], cu_seqlens=cu)
     assert rel_rms(o, o_ref) < TOL and rel_rms(s, s_ref) < TOL
 
     # one sequence: chunked prefill of 70 tokens, then decode 5 tokens one at a time
-    leaves, _ = make_case(1, 75, 2, 32, 32, seed=6)
-    q, k, v, g, beta, h0 = (x.to(DEV) for x in leaves)
+    leaves, _ = make_case(1, 75, 2, 32, 32, seed=6, device=device)
+    q, k, v, g, beta, h0 = leaves
     with torch.no_grad():
         o_full, s_full = chunk_gated_delta_rule_triton(
             q, k, v, g, beta, initial_state=h0, output_final_state=True
@@ -179,44 +175,44 @@ def test_fused_recurrent_and_decoding_match():
     assert rel_rms(state, s_full) < TOL
 
 
-def test_half_precision_inputs():
+def test_half_precision_inputs(device):
     """fp16 q, k, v (fp16 dot operands, fp16 intermediates, fp32 accumulation) vs fp32 naive.
 
     (bf16 takes the same code with bf16 operands on GPU; the CPU interpreter's bf16 dot is wrong.)
     """
-    leaves, weights = make_case(1, 100, 2, 32, 32, seed=9)
+    leaves, weights = make_case(1, 100, 2, 32, 32, seed=9, device=device)
     half = [x.half() if i < 3 else x for i, x in enumerate(leaves)]  # q, k, v fp16; g, beta, h0 fp32
-    o, s, grads = run(chunk_gated_delta_rule_triton, half, weights, DEV)
-    o_ref, s_ref, grads_ref = run(naive_recurrent_gated_delta_rule, leaves, weights, "cpu")
+    o, s, grads = run(chunk_gated_delta_rule_triton, half, weights)
+    o_ref, s_ref, grads_ref = run(naive_recurrent_gated_delta_rule, leaves, weights)
     assert o.dtype == torch.float16 and grads[0].dtype == torch.float16
     errs = {"o": rel_rms(o, o_ref), "final_state": rel_rms(s, s_ref)}
     errs.update({n: rel_rms(a, b) for n, a, b in zip(NAMES, grads, grads_ref)})
     assert max(errs.values()) < TOL_HALF, errs
 
 
-@pytest.mark.skipif(DEV != "cuda", reason="bf16 tl.dot is wrong under the CPU interpreter")
-def test_bf16_inputs_on_cuda():
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tl.dot is wrong under the CPU interpreter")
+def test_bf16_inputs_on_cuda(device):
     """bf16 q, k, v on GPU (bf16 tensor-core operands, bf16 intermediates) vs the fp32 reference."""
-    leaves, weights = make_case(1, 1000, 4, 128, 128, N=3, seed=10)
-    cu = torch.tensor([0, 100, 611, 1000], dtype=torch.int32)
+    leaves, weights = make_case(1, 1000, 4, 128, 128, N=3, seed=10, device=device)
+    cu = torch.tensor([0, 100, 611, 1000], dtype=torch.int32, device=device)
     bf = [x.bfloat16() if i < 3 else x for i, x in enumerate(leaves)]
-    o, s, grads = run(chunk_gated_delta_rule_triton, bf, weights, DEV, cu_seqlens=cu.to(DEV))
-    o_ref, s_ref, grads_ref = run(chunk_gated_delta_rule, leaves, weights, "cpu", cu_seqlens=cu)
+    o, s, grads = run(chunk_gated_delta_rule_triton, bf, weights, cu_seqlens=cu)
+    o_ref, s_ref, grads_ref = run(chunk_gated_delta_rule, leaves, weights, cu_seqlens=cu)
     errs = {"o": rel_rms(o, o_ref), "final_state": rel_rms(s, s_ref)}
     errs.update({n: rel_rms(a, b) for n, a, b in zip(NAMES, grads, grads_ref)})
     assert max(errs.values()) < TOL_BF16, errs
 
 
-def test_custom_op_compiles_fullgraph():
+def test_custom_op_compiles_fullgraph(device):
     """torch.compile(fullgraph=True) through the lctrain:: custom ops: same output and grads."""
 
     def fn(q, k, v, g, beta, h0):
         o, s = chunk_gated_delta_rule_triton(q, k, v, g, beta, initial_state=h0, output_final_state=True)
         return (o * 1.5).sum() + s.pow(2).sum()
 
-    leaves, _ = make_case(1, 64, 1, 32, 32, seed=7)
-    eager = [x.to(DEV).requires_grad_() for x in leaves]
-    comp = [x.to(DEV).requires_grad_() for x in leaves]
+    leaves, _ = make_case(1, 64, 1, 32, 32, seed=7, device=device)
+    eager = [x.detach().clone().requires_grad_() for x in leaves]
+    comp = [x.detach().clone().requires_grad_() for x in leaves]
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     l_e, l_c = fn(*eager), compiled(*comp)
@@ -229,8 +225,8 @@ def test_custom_op_compiles_fullgraph():
     assert hasattr(torch.ops.lctrain, "chunk_gated_delta_rule_bwd")
 
 
-def test_errors():
-    leaves, _ = make_case(1, 16, 2, 32, 32, h0=False)
+def test_errors(device):
+    leaves, _ = make_case(1, 16, 2, 32, 32, h0=False, device=device)
     q, k, v, g, beta = leaves
     with pytest.raises(ValueError, match="multiple of H"):
         chunk_gated_delta_rule_triton(
@@ -241,10 +237,10 @@ def test_errors():
             beta[..., :1].expand(1, 16, 3),
         )
     with pytest.raises(ValueError, match="initial_state"):
-        chunk_gated_delta_rule_triton(q, k, v, g, beta, initial_state=torch.zeros(2, 2, 32, 32))
+        chunk_gated_delta_rule_triton(q, k, v, g, beta, initial_state=torch.zeros(2, 2, 32, 32, device=device))
     with pytest.raises(ValueError, match="batch size 1"):
         chunk_gated_delta_rule_triton(
-            *(x.expand(2, *x.shape[1:]) for x in leaves), cu_seqlens=torch.tensor([0, 16])
+            *(x.expand(2, *x.shape[1:]) for x in leaves), cu_seqlens=torch.tensor([0, 16], device=device)
         )
 
 
@@ -293,15 +289,15 @@ def test_gdn_model_triton_matches_torch_training(tmp_path, small_corpus, monkeyp
     assert losses["torch"][2] < losses["torch"][0]  # it trains
 
 
-def test_layer_kernel_selection():
+def test_layer_kernel_selection(device):
     """kernels='torch' -> torch path; 'triton' -> Triton op; 'auto' -> Triton only for CUDA inputs."""
     from lctrain.layers.gated_deltanet import GatedDeltaNet
 
-    x = torch.zeros(1, 4, 32, device=DEV)
+    x = torch.zeros(1, 4, 32, device=device)
     assert GatedDeltaNet(32, 2, 16, kernels="triton").delta_rule_op.kernel(x) is chunk_gated_delta_rule_triton
     assert GatedDeltaNet(32, 2, 16, kernels="torch").delta_rule_op.kernel(x).func is chunk_gated_delta_rule
     auto = GatedDeltaNet(32, 2, 16, kernels="auto").delta_rule_op.kernel(x)
-    if DEV == "cuda":
+    if x.is_cuda:
         assert auto is chunk_gated_delta_rule_triton
     else:
         assert auto.func is chunk_gated_delta_rule
@@ -349,9 +345,9 @@ def test_kernels_compile_for_sm90(dtype, dim):
 
 
 @pytest.mark.slow
-def test_varlen_257_against_naive():
-    cu = torch.tensor([0, 30, 30, 190, 257], dtype=torch.int32)
-    leaves, weights = make_case(1, 257, 1, 32, 32, HV=2, decay="normal", N=4, seed=12)
+def test_varlen_257_against_naive(device):
+    cu = torch.tensor([0, 30, 30, 190, 257], dtype=torch.int32, device=device)
+    leaves, weights = make_case(1, 257, 1, 32, 32, HV=2, decay="normal", N=4, seed=12, device=device)
     check_against_naive(leaves, weights, cu_seqlens=cu)
 
 
@@ -359,18 +355,18 @@ def test_varlen_257_against_naive():
 @pytest.mark.parametrize("T", [63, 100, 257])
 @pytest.mark.parametrize("K", [32, 64])
 @pytest.mark.parametrize("decay", ["zero", "normal", "strong"])
-def test_sweep_against_naive(T, K, decay):
-    leaves, weights = make_case(1, T, 2, K, K, HV=4, decay=decay, seed=T + K)
+def test_sweep_against_naive(T, K, decay, device):
+    leaves, weights = make_case(1, T, 2, K, K, HV=4, decay=decay, seed=T + K, device=device)
     check_against_naive(leaves, weights, tol_dg=TOL_STRONG_DG if decay == "strong" else TOL)
 
 
 @pytest.mark.slow
-def test_varlen_many_docs_matches_torch_chunk_path():
+def test_varlen_many_docs_matches_torch_chunk_path(device):
     """Triton vs the torch chunk path on 6 packed documents with grouped heads (both fp32)."""
-    cu = torch.tensor([0, 1, 65, 130, 200, 200, 333], dtype=torch.int32)
-    leaves, weights = make_case(1, 333, 2, 32, 32, HV=4, N=6, seed=11)
-    o, s, grads = run(chunk_gated_delta_rule_triton, leaves, weights, DEV, cu_seqlens=cu.to(DEV))
-    o_r, s_r, grads_r = run(chunk_gated_delta_rule, leaves, weights, "cpu", cu_seqlens=cu)
+    cu = torch.tensor([0, 1, 65, 130, 200, 200, 333], dtype=torch.int32, device=device)
+    leaves, weights = make_case(1, 333, 2, 32, 32, HV=4, N=6, seed=11, device=device)
+    o, s, grads = run(chunk_gated_delta_rule_triton, leaves, weights, cu_seqlens=cu)
+    o_r, s_r, grads_r = run(chunk_gated_delta_rule, leaves, weights, cu_seqlens=cu)
     assert rel_rms(o, o_r) < TOL and rel_rms(s, s_r) < TOL
     for name, a, b in zip(NAMES, grads, grads_r):
         assert rel_rms(a, b) < TOL, name

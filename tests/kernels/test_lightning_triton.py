@@ -9,6 +9,8 @@ relative (fp32, different summation orders).
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -48,7 +50,7 @@ def quadratic_reference(
     outs, finals = [], []
     for n, (b, s, e) in enumerate(segs):
         qs, ks, vs = (x[b, s:e].double().transpose(0, 1) for x in (q, k, v))  # [H, L, D]
-        t = torch.arange(e - s, dtype=torch.float64)
+        t = torch.arange(e - s, dtype=torch.float64, device=q.device)
         diff = t[:, None] - t[None, :]
         decay = torch.exp(-lam[..., None] * diff.clamp_min(0)) * (diff >= 0)  # [H, L, L]
         o = (qs @ ks.transpose(1, 2) * decay) @ vs
@@ -78,15 +80,15 @@ def _run(fn, q, k, v, slope, h0, cu, dout, dht):
         (1, 257, 32, 64, [1e-3, 20.0], True),  # strong decay: state forgets within a token
     ],
 )
-def test_matches_reference(B, T, K, V, slopes, with_h0):
-    g = torch.Generator().manual_seed(T + K)
+def test_matches_reference(B, T, K, V, slopes, with_h0, device):
+    g = torch.Generator(device=device).manual_seed(T + K)
     H = len(slopes)
-    q, k = (torch.randn(B, T, H, K, generator=g).requires_grad_() for _ in range(2))
-    v = torch.randn(B, T, H, V, generator=g).requires_grad_()
-    h0 = torch.randn(B, H, K, V, generator=g).requires_grad_() if with_h0 else None
-    slope = torch.tensor(slopes)
-    dout = torch.randn(B, T, H, V, generator=g)
-    dht = torch.randn(B, H, K, V, generator=g)
+    q, k = (torch.randn(B, T, H, K, generator=g, device=device).requires_grad_() for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=g, device=device).requires_grad_()
+    h0 = torch.randn(B, H, K, V, generator=g, device=device).requires_grad_() if with_h0 else None
+    slope = torch.tensor(slopes, device=device)
+    dout = torch.randn(B, T, H, V, generator=g, device=device)
+    dht = torch.randn(B, H, K, V, generator=g, device=device)
     got = _run(chunk_lightning_attn_triton, q, k, v, slope, h0, None, dout, dht)
     # the token-by-token reference is slow to differentiate; the long case uses the parallel form
     ref_fn = naive_recurrent_lightning_attn if T <= 100 else quadratic_reference
@@ -99,18 +101,18 @@ def test_matches_reference(B, T, K, V, slopes, with_h0):
         assert rel_rms(a, b) <= TOL, f"{name}: {rel_rms(a, b):.3g}"
 
 
-def test_varlen_matches_reference_and_per_sequence():
+def test_varlen_matches_reference_and_per_sequence(device):
     # five sequences: a 1-token one, one shorter than a block, one spanning blocks unevenly
     lengths = [37, 1, 90, 64, 20]
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
     T, H, K, V = int(cu[-1]), 2, 32, 32
-    g = torch.Generator().manual_seed(1)
-    q, k = (torch.randn(1, T, H, K, generator=g).requires_grad_() for _ in range(2))
-    v = torch.randn(1, T, H, V, generator=g).requires_grad_()
-    h0 = torch.randn(len(lengths), H, K, V, generator=g).requires_grad_()
-    slope = torch.tensor([0.02, 0.4])
-    dout = torch.randn(1, T, H, V, generator=g)
-    dht = torch.randn(len(lengths), H, K, V, generator=g)
+    g = torch.Generator(device=device).manual_seed(1)
+    q, k = (torch.randn(1, T, H, K, generator=g, device=device).requires_grad_() for _ in range(2))
+    v = torch.randn(1, T, H, V, generator=g, device=device).requires_grad_()
+    h0 = torch.randn(len(lengths), H, K, V, generator=g, device=device).requires_grad_()
+    slope = torch.tensor([0.02, 0.4], device=device)
+    dout = torch.randn(1, T, H, V, generator=g, device=device)
+    dht = torch.randn(len(lengths), H, K, V, generator=g, device=device)
     got = _run(chunk_lightning_attn_triton, q, k, v, slope, h0, cu, dout, dht)
     ref = _run(quadratic_reference, q, k, v, slope, h0, cu, dout, dht)
     for name, a, b in zip(("o", "final_state", "dq", "dk", "dv", "dh0"), got, ref):
@@ -120,31 +122,32 @@ def test_varlen_matches_reference_and_per_sequence():
     assert rel_rms(o_one, got[0]) > 1e-2
 
 
-def test_agrees_with_torch_chunk_path_and_chunk_size():
-    g = torch.Generator().manual_seed(2)
-    q, k = (torch.randn(1, 100, 2, 32, generator=g) for _ in range(2))
-    v = torch.randn(1, 100, 2, 32, generator=g)
-    slope = torch.tensor([0.1, 1.0])
+def test_agrees_with_torch_chunk_path_and_chunk_size(device):
+    g = torch.Generator(device=device).manual_seed(2)
+    q, k = (torch.randn(1, 100, 2, 32, generator=g, device=device) for _ in range(2))
+    v = torch.randn(1, 100, 2, 32, generator=g, device=device)
+    slope = torch.tensor([0.1, 1.0], device=device)
     o_ref, s_ref = chunk_lightning_attn(q, k, v, slope, output_final_state=True)
     for C in (16, 64):
         o, s = chunk_lightning_attn_triton(q, k, v, slope, output_final_state=True, chunk_size=C)
         assert rel_rms(o, o_ref) <= TOL and rel_rms(s, s_ref) <= TOL
 
 
-def test_validation_errors():
-    q = torch.randn(1, 8, 2, 16)
-    slope = torch.tensor([0.1, 0.2])
+def test_validation_errors(device):
+    q = torch.randn(1, 8, 2, 16, device=device)
+    slope = torch.tensor([0.1, 0.2], device=device)
     with pytest.raises(ValueError, match="power of two"):
         chunk_lightning_attn_triton(q, q, q, slope, chunk_size=24)
     with pytest.raises(ValueError, match="slope"):
-        chunk_lightning_attn_triton(q, q, q, torch.tensor([0.1]))
+        chunk_lightning_attn_triton(q, q, q, torch.tensor([0.1], device=device))
     with pytest.raises(ValueError, match="no gradient"):
         chunk_lightning_attn_triton(q, q, q, slope.clone().requires_grad_())
     with pytest.raises(ValueError, match="initial_state"):
-        chunk_lightning_attn_triton(q, q, q, slope, initial_state=torch.zeros(2, 2, 16, 16))
+        chunk_lightning_attn_triton(q, q, q, slope, initial_state=torch.zeros(2, 2, 16, 16, device=device))
 
 
-def _train_losses(kernels: str, steps: int = 3) -> list[float]:
+def _train_losses(kernels: str, device, steps: int = 3) -> list[float]:
+    """Losses of ``steps`` AdamW steps of a tiny ``LA`` HybridLM on ``device`` (two packed documents)."""
     torch.manual_seed(0)
     cfg = ModelConfig(
         vocab_size=64,
@@ -156,11 +159,11 @@ def _train_losses(kernels: str, steps: int = 3) -> list[float]:
         init_std=0.02,
         kernels=kernels,
     )
-    model = HybridLM(cfg)
+    model = HybridLM(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 64, (1, 64), generator=g)
-    cu = torch.tensor([0, 24, 64], dtype=torch.int32)  # two packed documents
+    g = torch.Generator(device=device).manual_seed(1)
+    ids = torch.randint(0, 64, (1, 64), generator=g, device=device)
+    cu = torch.tensor([0, 24, 64], dtype=torch.int32, device=device)  # two packed documents
     losses = []
     for _ in range(steps):
         logits = model(ids, cu_seqlens=cu)
@@ -172,7 +175,7 @@ def _train_losses(kernels: str, steps: int = 3) -> list[float]:
     return losses
 
 
-def test_model_trains_same_with_triton_and_torch_kernels(monkeypatch):
+def test_model_trains_same_with_triton_and_torch_kernels(monkeypatch, device):
     from lctrain.kernels.flash_attn import interface
     from lctrain.kernels.lightning_attn import triton_chunk
 
@@ -187,10 +190,10 @@ def test_model_trains_same_with_triton_and_torch_kernels(monkeypatch):
 
     monkeypatch.setattr(interface, "_fwd_impl", spy("flash", interface._fwd_impl))
     monkeypatch.setattr(triton_chunk, "_fwd", spy("lightning", triton_chunk._fwd))
-    triton_losses = _train_losses("triton")
+    triton_losses = _train_losses("triton", device)
     # the Triton kernels really ran (3 forwards; Lightning recomputes its states in backward)
     assert calls == {"flash": 3, "lightning": 6}, calls
-    torch_losses = _train_losses("torch")
+    torch_losses = _train_losses("torch", device)
     assert calls == {"flash": 3, "lightning": 6}, calls  # and the torch run did not use them
     assert triton_losses[-1] < triton_losses[0]  # it trains
     for a, b in zip(triton_losses, torch_losses):

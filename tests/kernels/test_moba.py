@@ -14,6 +14,8 @@ in fp32, so all paths must agree to rounding: relative RMS error <= 1e-5 on out,
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,25 +46,27 @@ def _check(outs, refs, tol, names):
         assert err <= tol, f"{name}: relative RMS error {err:.3g} > {tol}"
 
 
-def _inputs(B, T, Hq, Hkv, D, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, Hq, D, generator=g).to(dtype).requires_grad_()
-    k = torch.randn(B, T, Hkv, D, generator=g).to(dtype).requires_grad_()
-    v = torch.randn(B, T, Hkv, D, generator=g).to(dtype).requires_grad_()
+def _inputs(B, T, Hq, Hkv, D, dtype=torch.float32, seed=0, *, device):
+    """q [B, T, Hq, D], k and v [B, T, Hkv, D], standard normal on ``device`` (leaves)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(B, T, Hq, D, generator=g, device=device).to(dtype).requires_grad_()
+    k = torch.randn(B, T, Hkv, D, generator=g, device=device).to(dtype).requires_grad_()
+    v = torch.randn(B, T, Hkv, D, generator=g, device=device).to(dtype).requires_grad_()
     return q, k, v
 
 
-def _cu(lengths):
+def _cu(lengths, device):
+    """int32 cu_seqlens [N + 1] of ``lengths`` on ``device`` (None for None)."""
     if lengths is None:
         return None
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
 
 
 def _loss_grads(out, lse, inputs, seed=1):
     """Gradients of a loss that uses both out and lse (so dlse reaches the backward too)."""
-    g = torch.Generator().manual_seed(seed)
-    dout = torch.randn(out.shape, generator=g)
-    dlse = torch.randn(lse.shape, generator=g)
+    g = torch.Generator(device=out.device).manual_seed(seed)
+    dout = torch.randn(out.shape, generator=g, device=out.device)
+    dlse = torch.randn(lse.shape, generator=g, device=out.device)
     return torch.autograd.grad((out.float() * dout).sum() + (lse * dlse).sum(), inputs)
 
 
@@ -86,11 +90,11 @@ CASES = {
 
 @pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_naive(kernels, case):
+def test_matches_naive(kernels, case, device):
     _skip_no_triton(kernels)
     B, T, Hq, Hkv, D, bs, top_k, lengths = CASES[case]
-    cu = _cu(lengths)
-    q, k, v = _inputs(B, T, Hq, Hkv, D, seed=T + bs + top_k)
+    cu = _cu(lengths, device)
+    q, k, v = _inputs(B, T, Hq, Hkv, D, seed=T + bs + top_k, device=device)
     out, lse = moba_attn_func(q, k, v, bs, top_k, cu_seqlens=cu, kernels=kernels, return_lse=True)
     ref_out, ref_lse = moba_attn_naive(q, k, v, bs, top_k, cu_seqlens=cu)
     assert out.shape == q.shape and out.dtype == q.dtype
@@ -101,7 +105,7 @@ def test_matches_naive(kernels, case):
 
 
 @pytest.mark.parametrize("top_k", [2, 3])
-def test_triton_several_tiles_per_block(monkeypatch, top_k):
+def test_triton_several_tiles_per_block(monkeypatch, top_k, device):
     """16-row tiles inside 40-token blocks: three query tiles and three key chunks per block
     (the last ones partial), documents cutting blocks short."""
     pytest.importorskip("triton")
@@ -109,8 +113,8 @@ def test_triton_several_tiles_per_block(monkeypatch, top_k):
 
     monkeypatch.setitem(interface.BLOCK_OVERRIDE, "BLOCK_M", 16)
     monkeypatch.setitem(interface.BLOCK_OVERRIDE, "BLOCK_N", 16)
-    cu = _cu([90, 17, 53])
-    q, k, v = _inputs(1, 160, 4, 2, 32, seed=top_k)
+    cu = _cu([90, 17, 53], device)
+    q, k, v = _inputs(1, 160, 4, 2, 32, seed=top_k, device=device)
     out, lse = moba_attn_func(q, k, v, 40, top_k, cu_seqlens=cu, kernels="triton", return_lse=True)
     ref_out, ref_lse = moba_attn_naive(q, k, v, 40, top_k, cu_seqlens=cu)
     grads = _loss_grads(out, lse, (q, k, v))
@@ -133,11 +137,11 @@ def _dense_reference(q, k, v, allowed):
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
-def test_enough_blocks_is_full_causal_attention(kernels):
+def test_enough_blocks_is_full_causal_attention(kernels, device):
     _skip_no_triton(kernels)
     lengths = [30, 3, 67]
-    cu = _cu(lengths)
-    q, k, v = _inputs(1, 100, 4, 2, 16, seed=21)
+    cu = _cu(lengths, device)
+    q, k, v = _inputs(1, 100, 4, 2, 16, seed=21, device=device)
     bs, top_k = 16, 7  # 16 * 7 >= 100: every past block of every document is selected
     out, lse = moba_attn_func(q, k, v, bs, top_k, cu_seqlens=cu, kernels=kernels, return_lse=True)
     # independent oracle: torch SDPA with is_causal per document, plus logsumexp of its scores
@@ -147,7 +151,7 @@ def test_enough_blocks_is_full_causal_attention(kernels):
         qd, kd, vd = (x[:, s:e].transpose(1, 2) for x in (q, kr, vr))
         ref_out.append(F.scaled_dot_product_attention(qd, kd, vd, is_causal=True).transpose(1, 2))
         sc = (qd @ kd.transpose(-1, -2)) * 16**-0.5
-        sc = sc.masked_fill(torch.ones(e - s, e - s, dtype=torch.bool).triu(1), float("-inf"))
+        sc = sc.masked_fill(torch.ones(e - s, e - s, dtype=torch.bool, device=device).triu(1), float("-inf"))
         ref_lse.append(torch.logsumexp(sc, -1))
     ref_out, ref_lse = torch.cat(ref_out, 1), torch.cat(ref_lse, 2)
     grads = _loss_grads(out, lse, (q, k, v))
@@ -156,17 +160,19 @@ def test_enough_blocks_is_full_causal_attention(kernels):
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
-def test_top1_is_block_diagonal_causal_attention(kernels):
+def test_top1_is_block_diagonal_causal_attention(kernels, device):
     _skip_no_triton(kernels)
     lengths, bs = [45, 7, 48], 10
-    cu = _cu(lengths)
+    cu = _cu(lengths, device)
     T = sum(lengths)
-    q, k, v = _inputs(1, T, 2, 1, 16, seed=22)
+    q, k, v = _inputs(1, T, 2, 1, 16, seed=22, device=device)
     out, lse = moba_attn_func(q, k, v, bs, 1, cu_seqlens=cu, kernels=kernels, return_lse=True)
-    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    local = torch.arange(T) - cu[:-1].long()[doc]
+    doc = torch.repeat_interleave(
+        torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device)
+    )
+    local = torch.arange(T, device=device) - cu[:-1].long()[doc]
     blk = doc * 1000 + local // bs  # block identity
-    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    i, j = torch.arange(T, device=device)[:, None], torch.arange(T, device=device)[None, :]
     allowed = (blk[:, None] == blk[None, :]) & (j <= i)
     ref_out, ref_lse = _dense_reference(q, k, v, allowed)
     grads = _loss_grads(out, lse, (q, k, v))
@@ -208,20 +214,20 @@ HAND_DOC_MASK = [
 ]
 
 
-def _hand(qs, ks):
-    q = torch.tensor(qs, dtype=torch.float32).view(1, 8, 1, 2)
-    k = torch.tensor(ks, dtype=torch.float32).view(1, 8, 1, 2)
+def _hand(qs, ks, device):
+    q = torch.tensor(qs, dtype=torch.float32, device=device).view(1, 8, 1, 2)
+    k = torch.tensor(ks, dtype=torch.float32, device=device).view(1, 8, 1, 2)
     return q, k
 
 
 @pytest.mark.parametrize("which", ["single", "two_docs"])
-def test_block_mask_hand_worked(which):
+def test_block_mask_hand_worked(which, device):
     if which == "single":
-        q, k = _hand(HAND_Q, HAND_K)
+        q, k = _hand(HAND_Q, HAND_K, device)
         cu, expected = None, HAND_MASK
     else:
-        q, k = _hand(HAND_DOC_Q, HAND_DOC_K)
-        cu, expected = torch.tensor([0, 3, 8], dtype=torch.int32), HAND_DOC_MASK
+        q, k = _hand(HAND_DOC_Q, HAND_DOC_K, device)
+        cu, expected = _cu([3, 5], device), HAND_DOC_MASK
     mask = moba_block_mask(q, k, 2, 2, cu_seqlens=cu)
     assert mask.shape == (1, 1, 8, 8) and mask.dtype == torch.bool
     assert mask[0, 0].int().tolist() == expected
@@ -229,19 +235,19 @@ def test_block_mask_hand_worked(which):
 
 @pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("which", ["single", "two_docs"])
-def test_hand_worked_selection_in_fast_paths(kernels, which):
+def test_hand_worked_selection_in_fast_paths(kernels, which, device):
     """The torch and Triton paths select the hand-worked blocks (exact ties included)."""
     _skip_no_triton(kernels)
     if which == "single":
-        q, k = _hand(HAND_Q, HAND_K)
+        q, k = _hand(HAND_Q, HAND_K, device)
         cu, expected = None, HAND_MASK
     else:
-        q, k = _hand(HAND_DOC_Q, HAND_DOC_K)
-        cu, expected = torch.tensor([0, 3, 8], dtype=torch.int32), HAND_DOC_MASK
-    v = torch.randn(1, 8, 1, 2, generator=torch.Generator().manual_seed(3))
+        q, k = _hand(HAND_DOC_Q, HAND_DOC_K, device)
+        cu, expected = _cu([3, 5], device), HAND_DOC_MASK
+    v = torch.randn(1, 8, 1, 2, generator=torch.Generator(device=device).manual_seed(3), device=device)
     out, lse = moba_attn_func(q, k, v, 2, 2, cu_seqlens=cu, kernels=kernels, return_lse=True)
     s = (q[0, :, 0] @ k[0, :, 0].T) * 2**-0.5
-    s = s.masked_fill(~torch.tensor(expected, dtype=torch.bool), float("-inf"))
+    s = s.masked_fill(~torch.tensor(expected, dtype=torch.bool, device=device), float("-inf"))
     ref_out = torch.softmax(s, -1) @ v[0, :, 0]
     _check((out[0, :, 0], lse[0, 0]), (ref_out, torch.logsumexp(s, -1)), TOL, ("out", "lse"))
 
@@ -255,11 +261,11 @@ def test_selected_fraction_hand_counted():
     assert moba_selected_fraction(8, 2, 4, unit="keys") == pytest.approx(1.0)
 
 
-def test_selected_fraction_matches_mask():
+def test_selected_fraction_matches_mask(device):
     lengths, bs, top_k = [50, 6, 44], 8, 3
-    cu = _cu(lengths)
+    cu = _cu(lengths, device)
     T = sum(lengths)
-    q, k, _ = _inputs(1, T, 2, 1, 16, seed=31)
+    q, k, _ = _inputs(1, T, 2, 1, 16, seed=31, device=device)
     mask = moba_block_mask(q, k, bs, top_k, cu_seqlens=cu)[0]  # [H, T, T]
     causal_keys, blocks_got, blocks_all = 0, 0, 0
     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
@@ -279,12 +285,12 @@ def test_selected_fraction_matches_mask():
 # Triton specifics: raw ops, torch.compile, fp16
 
 
-def test_triton_raw_fwd_bwd():
+def test_triton_raw_fwd_bwd(device):
     pytest.importorskip("triton")
     from lctrain.kernels.moba import moba_attn_bwd, moba_attn_fwd
 
-    cu = _cu([33, 31])
-    q, k, v = _inputs(1, 64, 2, 1, 16, seed=41)
+    cu = _cu([33, 31], device)
+    q, k, v = _inputs(1, 64, 2, 1, 16, seed=41, device=device)
     out, lse, sel = moba_attn_fwd(q, k, v, 8, 3, cu_seqlens=cu)
     assert sel.dtype == torch.int32 and sel.shape == (1, 2, 64, 2)
     # doc 1 starts at token 33 = block 5 (doc 0 has blocks 0..4); its first block has no past
@@ -297,10 +303,10 @@ def test_triton_raw_fwd_bwd():
     _check((dq, dk, dv), ref, TOL, ("dq", "dk", "dv"))
 
 
-def test_triton_torch_compile_fullgraph_and_opcheck():
+def test_triton_torch_compile_fullgraph_and_opcheck(device):
     pytest.importorskip("triton")
-    cu = _cu([13, 27])
-    q, k, v = _inputs(1, 40, 2, 1, 16, seed=43)
+    cu = _cu([13, 27], device)
+    q, k, v = _inputs(1, 40, 2, 1, 16, seed=43, device=device)
 
     def f(q, k, v):
         out, lse = moba_attn_func(q, k, v, 8, 2, cu_seqlens=cu, kernels="triton", return_lse=True)
@@ -317,21 +323,21 @@ def test_triton_torch_compile_fullgraph_and_opcheck():
     torch.library.opcheck(torch.ops.lctrain.moba_attn_fwd.default, args)
 
 
-def test_triton_fp16():
+def test_triton_fp16(device):
     pytest.importorskip("triton")
-    q, k, v = _inputs(1, 64, 2, 2, 32, dtype=torch.float16, seed=47)
+    q, k, v = _inputs(1, 64, 2, 2, 32, dtype=torch.float16, seed=47, device=device)
     out, lse = moba_attn_func(q, k, v, 16, 2, kernels="triton", return_lse=True)
     assert out.dtype == torch.float16
     ref_out, ref_lse = moba_attn_naive(q, k, v, 16, 2)
-    dout = torch.randn(out.shape)
+    dout = torch.randn(out.shape, device=device)
     grads = torch.autograd.grad(out, (q, k, v), dout.half())
     ref_grads = torch.autograd.grad(ref_out, (q, k, v), dout)
     assert all(g.dtype == torch.float16 for g in grads)
     _check((out, lse, *grads), (ref_out, ref_lse, *ref_grads), 1e-2, ("out", "lse", "dq", "dk", "dv"))
 
 
-def test_torch_path_bf16_output_dtype():
-    q, k, v = _inputs(1, 40, 2, 1, 16, dtype=torch.bfloat16, seed=53)
+def test_torch_path_bf16_output_dtype(device):
+    q, k, v = _inputs(1, 40, 2, 1, 16, dtype=torch.bfloat16, seed=53, device=device)
     out = moba_attn_func(q, k, v, 8, 2)
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
     ref_out, _ = moba_attn_naive(q, k, v, 8, 2)
@@ -343,9 +349,9 @@ def test_torch_path_bf16_output_dtype():
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
-def test_bad_inputs(kernels):
-    q = torch.randn(1, 8, 4, 16)
-    k = torch.randn(1, 8, 2, 16)
+def test_bad_inputs(kernels, device):
+    q = torch.randn(1, 8, 4, 16, device=device)
+    k = torch.randn(1, 8, 2, 16, device=device)
     with pytest.raises(ValueError, match=r"\[B, T, H, D\]"):
         moba_attn_func(q[0], k[0], k[0], 2, 2, kernels=kernels)
     with pytest.raises(ValueError, match="k.shape == v.shape"):
@@ -358,17 +364,17 @@ def test_bad_inputs(kernels):
         moba_attn_func(q, k, k, 2, 0, kernels=kernels)
     with pytest.raises(ValueError, match="cu_seqlens"):
         moba_attn_func(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), 2, 2,
-                       cu_seqlens=torch.tensor([0, 8], dtype=torch.int32), kernels=kernels)  # fmt: skip
+                       cu_seqlens=_cu([8], device), kernels=kernels)  # fmt: skip
     with pytest.raises(ValueError, match="cu_seqlens"):
-        moba_attn_func(q, k, k, 2, 2, cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32), kernels=kernels)
+        moba_attn_func(q, k, k, 2, 2, cu_seqlens=_cu([3, 4], device), kernels=kernels)
     with pytest.raises(ValueError, match="dtype"):
         moba_attn_func(q, k.double(), k, 2, 2, kernels=kernels)
 
 
-def test_bad_kernels_and_fraction_args():
-    q = torch.randn(1, 8, 2, 16)
+def test_bad_kernels_and_fraction_args(device):
+    q = torch.randn(1, 8, 2, 16, device=device)
     with pytest.raises(ValueError, match="kernels"):
-        moba_attn_func(q, q, q, 2, 2, kernels="cuda")
+        moba_attn_func(q, q, q, 2, 2, kernels="gpu")
     with pytest.raises(ValueError, match="unit"):
         moba_selected_fraction(8, 2, 2, unit="tokens")
     with pytest.raises(ValueError, match="top_k"):
@@ -428,9 +434,8 @@ def _sm90_compile_all() -> int:
                     else:
                         sig[p] = "fp32" if p in ("scale", "scale_log2") else "i32"
                 src = ASTSource(fn, sig, constexprs={(params.index(n),): c for n, c in consts.items()})
-                kernel = triton.compile(
-                    src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages}
-                )
+                target = GPUTarget("cuda", 90, 32)  # host: a compile target, not a tensor device
+                kernel = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
                 shared = kernel.metadata.shared
                 print(f"{fn.fn.__name__} {dtype} D={head_dim}: shared={shared}", flush=True)
                 if shared > H100_SHARED_BYTES:

@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from lctrain.kernels.dispatch import triton_interpreting
 from lctrain.kernels.limits import FLASH_MAX_HEAD_DIM
+from lctrain.kernels.tiles import tile_dtype
 from lctrain.kernels.varlen import check_cu_seqlens, max_seqlen
 from lctrain.kernels.flash_attn import triton_kernels as tk
 
@@ -34,15 +34,19 @@ __all__ = ["flash_attn_bwd", "flash_attn_func", "flash_attn_fwd", "flash_attn_va
 
 
 # Block sizes. Under the interpreter every program costs the same per op whatever its size, so
-# wide blocks are fastest; tests may override them (e.g. to force several blocks per sequence).
+# wide blocks are fastest; tests may override them (e.g. to force several blocks per sequence),
+# or run the CUDA tiles under the interpreter (``lctrain.kernels.tiles.force_cuda_tiles``).
 BLOCK_OVERRIDE: dict[str, int] = {}
 
 
 def _config(head_dim: int, backward: bool, dtype: torch.dtype) -> dict:
+    """Tiles and launch options: the interpreter's 64 x 64, or the CUDA ones of ``dtype`` (or of
+    the dtype :func:`lctrain.kernels.tiles.force_cuda_tiles` names); ``BLOCK_OVERRIDE`` last."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if triton_interpreting():
+    tiles = tile_dtype(dtype)
+    if tiles is None:
         cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
-    elif dtype == torch.float32:  # exact fp32 products stage more shared memory: smaller tiles
+    elif tiles == torch.float32:  # exact fp32 products stage more shared memory: smaller tiles
         cfg = {
             "BLOCK_M": 32 if backward else 64,
             "BLOCK_N": 32,

@@ -10,7 +10,6 @@ DESIGN.md: this public function, :class:`LightningAttnFunction` (autograd), the 
 from __future__ import annotations
 
 import itertools
-import os
 
 import torch
 import triton
@@ -19,13 +18,16 @@ from lctrain.kernels.lightning_attn import triton_kernels as tk
 from lctrain.kernels.lightning_attn.chunk import _validate
 from lctrain.kernels.lightning_attn.naive import check_slope
 from lctrain.kernels.limits import LIGHTNING_TRITON_MAX_HEAD_DIM
+from lctrain.kernels.tiles import tile_dtype
 from lctrain.kernels.varlen import host_bounds
 
 __all__ = ["chunk_lightning_attn_triton"]
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _interpreter_tiles() -> bool:
+    """Whether the interpreter's full-width state tiles apply (the CUDA ones: 64 wide, also under
+    the interpreter inside :func:`lctrain.kernels.tiles.force_cuda_tiles`)."""
+    return tile_dtype(torch.float32) is None
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -35,7 +37,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _state_tiles(K: int, V: int) -> tuple[int, int]:
     bk = max(16, triton.next_power_of_2(K))
     bv = max(16, triton.next_power_of_2(V))
-    if _interpreting():
+    if _interpreter_tiles():
         return bk, bv
     return min(bk, 64), min(bv, 64)
 
@@ -107,7 +109,7 @@ def _fwd(q, k, v, slope, scale, h0, plan: _Plan, output_final_state: bool):
         )
     if plan.num_blocks > 0:
         fk, fv = max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
-        bv = fv if _interpreting() else min(fv, 64)
+        bv = fv if _interpreter_tiles() else min(fv, 64)
         tk._output_fwd[(plan.num_blocks, triton.cdiv(V, bv), H)](
             qp,
             kp,

@@ -29,23 +29,28 @@ import triton
 from lctrain.kernels.moba import triton_kernels as tk
 from lctrain.kernels.moba.chunk import block_table, merge_parts, num_slots, pair_layout, select_blocks
 from lctrain.kernels.moba.naive import check_moba_inputs
-from lctrain.kernels.dispatch import triton_interpreting
 from lctrain.kernels.limits import MOBA_TRITON_MAX_HEAD_DIM
+from lctrain.kernels.tiles import tile_dtype
 from lctrain.kernels.varlen import host_bounds, num_sequences, with_host_bounds
 
 __all__ = ["moba_attn_bwd", "moba_attn_fwd", "moba_attn_triton"]
 
 
-# Tile sizes; tests may override them (e.g. to force several tiles per MoBA block).
+# Tile sizes; tests may override them (e.g. to force several tiles per MoBA block), or run the
+# CUDA tiles under the interpreter (``lctrain.kernels.tiles.force_cuda_tiles``).
 BLOCK_OVERRIDE: dict[str, int] = {}
 
 
 def _config(head_dim: int, block_size: int, backward: bool, dtype: torch.dtype) -> dict:
+    """Tiles and launch options: the interpreter's 64 x 64, or the CUDA ones of ``dtype`` (or of
+    the dtype :func:`lctrain.kernels.tiles.force_cuda_tiles` names), capped at the MoBA block;
+    ``BLOCK_OVERRIDE`` last."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     fit = max(16, triton.next_power_of_2(block_size))  # tiles never cross a MoBA block
-    if triton_interpreting():
+    tiles = tile_dtype(dtype)
+    if tiles is None:
         cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
-    elif dtype == torch.float32:
+    elif tiles == torch.float32:
         cfg = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     elif backward:
         cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4 if block_d <= 64 else 8, "num_stages": 2}

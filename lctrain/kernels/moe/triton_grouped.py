@@ -10,8 +10,10 @@ below), :class:`TritonGroupedMM` (autograd), and two ``@triton.jit`` kernels:
 * ``_grouped_wgrad_kernel``: ``dw[e] = x_e^T @ dy_e``, one program per (expert, K tile, N
   tile), looping over the segment's rows; an empty segment writes zeros.
 
-Accumulation is fp32 (``tl.dot``). Tested against the per-expert reference under
-``TRITON_INTERPRET=1`` in fp32 (the interpreter's bf16 ``tl.dot`` is wrong).
+Accumulation is fp32 (``tl.dot``); fp32 operands use exact IEEE fp32 products (``DOT_PREC``, as
+the attention kernels), fp16/bf16 tensor cores. Tiles are 32 x 32 x 32 on CUDA and under the
+interpreter alike. Tested against the per-expert reference (``tests/kernels/test_moe_grouped.py``)
+under ``TRITON_INTERPRET=1`` in fp32 (the interpreter's bf16 ``tl.dot`` is wrong).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def _grouped_mm_kernel(
     x_ptr, w_ptr, out_ptr, starts_ptr, ends_ptr, tile_expert_ptr, tile_row_ptr,
     K, N,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_om, stride_on,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -47,7 +49,7 @@ def _grouped_mm_kernel(
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptr + e * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += tl.dot(a, b)
+        acc += tl.dot(a, b, input_precision=DOT_PREC)
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -57,7 +59,7 @@ def _grouped_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr, starts_ptr, ends_ptr,
     K, N,
     stride_xm, stride_xk, stride_dm, stride_dn, stride_we, stride_wk, stride_wn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     e = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -76,9 +78,13 @@ def _grouped_wgrad_kernel(
                     mask=k_ok[:, None] & row_ok[None, :], other=0.0)  # x_e^T tile [BLOCK_K, BLOCK_M]
         g = tl.load(dy_ptr + rows[:, None] * stride_dm + cols[None, :] * stride_dn,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += tl.dot(a, g)
+        acc += tl.dot(a, g, input_precision=DOT_PREC)
     tl.store(dw_ptr + e * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
              acc.to(dw_ptr.dtype.element_ty), mask=k_ok[:, None] & col_ok[None, :])
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 only affects fp32 operands
 
 
 def _tiles(counts: torch.Tensor, device: torch.device):
@@ -101,7 +107,7 @@ def _fwd(x: torch.Tensor, w_strides: tuple[int, int, int], w: torch.Tensor, N: i
         _grouped_mm_kernel[grid](
             x, w, out, starts, ends, tile_expert, tile_row, x.shape[1], N,
             x.stride(0), x.stride(1), *w_strides, out.stride(0), out.stride(1),
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PREC=_dot_precision(x.dtype),
         )
     return out
 
@@ -130,7 +136,7 @@ class TritonGroupedMM(torch.autograd.Function):
         _grouped_wgrad_kernel[grid](
             x, dy, dw, starts, ends, K, N,
             x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, DOT_PREC=_dot_precision(x.dtype),
         )
         return dx, dw, None
 
