@@ -60,7 +60,9 @@ class ModelConfig:
     of chosen blocks into mixtures of experts. ``ffn_hidden_size = 0`` means round(8/3 *
     d_model) up to a multiple of 64. ``lora_mixer`` wraps the projections of chosen mixers with
     routed LoRA experts. ``kernels``: compute path of every op (``auto`` picks Triton
-    on CUDA and torch elsewhere), resolved once at model build into the kernel plan
+    on CUDA, or fla-core's kernels for Gated DeltaNet and Lightning where installed, and torch
+    elsewhere; ``fla``: fla-core's kernels for those two, ``pip install -e ".[fla]"``), resolved
+    once at model build into the kernel plan
     (:mod:`lctrain.kernels.plan`). ``kernel_plan_device``: the device type the plan is resolved
     for (``auto``: the run's device; ``cuda`` on a CPU machine runs the CUDA plan with the Triton
     kernels under ``TRITON_INTERPRET=1``, for tests). ``activation_checkpointing``: recompute each block in backward
@@ -197,6 +199,8 @@ class TrainConfig:
     global_batch_size: int = 16
     micro_batch_size: int = 8
     checkpoint_every: int = 100
+    # write a checkpoint at the end of the run (false: only the checkpoint_every ones, e.g. for benchmarks)
+    save_final: bool = True
     keep_last: int = 2
     resume: str = "auto"  # auto | none | <path to a checkpoint directory>
     # crc32 of every checkpoint file in its COMPLETE marker, verified on resume (false: sizes only)
@@ -248,7 +252,7 @@ class RunConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.kernels": ("auto", "triton", "torch"),
+    "model.kernels": ("auto", "triton", "torch", "fla"),
     "model.kernel_plan_device": ("auto", "cpu", "cuda"),
     "parallel.dp_impl": ("ddp", "fsdp", "deepspeed"),
     "parallel.cp_impl": ("ring", "ulysses", "usp"),
@@ -479,7 +483,7 @@ def _check_kernel_limits(m: ModelConfig) -> None:
         target = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         plan = resolve_kernel_plan(m.kernels, target, expert_impl=m.moe.expert_impl)
-    except ImportError as e:
+    except (ImportError, ValueError) as e:  # e.g. triton or fla-core missing, fla on a CPU target
         raise ConfigError(f"model.kernels={m.kernels}: {e}") from None
     check_mixers_kernel_limits(m, plan.choice)
 

@@ -21,14 +21,15 @@ from dataclasses import dataclass
 
 import torch
 
-from lctrain.kernels.dispatch import check_kernels, use_triton
+from lctrain.kernels.dispatch import check_kernels, pick_kernel, use_triton
 
 
 class SequenceOp:
     """Base class of the swappable sequence ops (see module docstring).
 
     Attributes:
-        kernels: ``auto`` | ``torch`` | ``triton``, validated at construction.
+        kernels: ``auto`` | ``torch`` | ``triton`` | ``fla``, validated at construction (``fla``:
+            fla-core's kernels for Gated DeltaNet and Lightning, ``auto`` for the other ops).
     """
 
     kernels: str = "auto"
@@ -87,10 +88,17 @@ class GatedDeltaRuleOp(SequenceOp):
     chunk_size: int = 64
 
     def kernel(self, x: torch.Tensor) -> Callable:
-        """``chunk_gated_delta_rule_triton`` when :func:`use_triton`, else the torch path with ``chunk_size``."""
+        """Per :func:`pick_kernel`: ``chunk_gated_delta_rule_triton``, fla's chunk kernel
+        (:func:`lctrain.kernels.fla_backend.fla_chunk_gated_delta_rule`) or the torch path, with
+        ``chunk_size`` bound where the kernel takes it."""
+        impl = pick_kernel(self.kernels, x, "gated_delta_rule")
+        if impl == "fla":
+            from lctrain.kernels.fla_backend import fla_chunk_gated_delta_rule
+
+            return functools.partial(fla_chunk_gated_delta_rule, chunk_size=self.chunk_size)
         from lctrain.kernels.gated_delta_rule import chunk_gated_delta_rule, chunk_gated_delta_rule_triton
 
-        if use_triton(self.kernels, x, "gated_delta_rule"):
+        if impl == "triton":
             return chunk_gated_delta_rule_triton
         return functools.partial(chunk_gated_delta_rule, chunk_size=self.chunk_size)
 
@@ -112,8 +120,13 @@ class LightningAttnOp(SequenceOp):
     chunk_size: int = 64
 
     def kernel(self, x: torch.Tensor) -> Callable:
-        """``chunk_lightning_attn_triton`` when :func:`use_triton`, else the torch chunk path."""
-        if use_triton(self.kernels, x, "lightning_attn"):
+        """Per :func:`pick_kernel`: ``chunk_lightning_attn_triton``, fla's ``chunk_simple_gla``
+        with fixed decays (:func:`lctrain.kernels.fla_backend.fla_chunk_lightning_attn`) or the
+        torch chunk path."""
+        impl = pick_kernel(self.kernels, x, "lightning_attn")
+        if impl == "fla":
+            from lctrain.kernels.fla_backend import fla_chunk_lightning_attn as fn
+        elif impl == "triton":
             from lctrain.kernels.lightning_attn import chunk_lightning_attn_triton as fn
         else:
             from lctrain.kernels.lightning_attn import chunk_lightning_attn as fn

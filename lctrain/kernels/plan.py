@@ -21,8 +21,10 @@ varlen_attention      ``triton_flash_varlen`` | ``sdpa_per_document`` (a host lo
 ring_block            ``triton_flash`` (fused, with lse) | ``cpu_flash`` (PyTorch's fused CPU
                       kernels) | ``dense_block`` (the fp32 ``[Tq, Tk]`` reference)
 ulysses_attention     as ``varlen_attention`` (whole sequences after the all-to-all)
-gated_delta_rule      ``triton_chunk`` | ``torch_chunk``
-lightning_attn        ``triton_chunk`` | ``torch_chunk``
+gated_delta_rule      ``triton_chunk`` | ``fla_chunk`` (fla-core's ``chunk_gated_delta_rule``)
+                      | ``torch_chunk``
+lightning_attn        ``triton_chunk`` | ``fla_simple_gla`` (fla-core's ``chunk_simple_gla``,
+                      fixed decays) | ``torch_chunk``
 moba                  ``triton`` | ``torch``
 moe_gemm              ``grouped_mm`` (``torch._grouped_mm``, device offsets) | ``triton_grouped``
                       | ``loop``
@@ -39,7 +41,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lctrain.kernels.dispatch import AUTO_TRITON_ON_CUDA, check_kernels, triton_installed
+from lctrain.kernels.dispatch import (
+    AUTO_FLA_ON_CUDA,
+    AUTO_TRITON_ON_CUDA,
+    FLA_OPS,
+    check_kernels,
+    fla_usable,
+    triton_installed,
+)
 from lctrain.kernels.ops import (
     GatedDeltaRuleOp,
     LightningAttnOp,
@@ -69,10 +78,10 @@ class KernelPlan:
 
     Attributes:
         device: the target device type (``cpu`` | ``cuda``).
-        kernels: the user's ``model.kernels`` (``auto`` | ``torch`` | ``triton``).
+        kernels: the user's ``model.kernels`` (``auto`` | ``torch`` | ``triton`` | ``fla``).
         choice: per sequence-op name (``softmax_attention``, ``moba``, ``gated_delta_rule``,
-            ``lightning_attn``): ``triton`` or ``torch``, what :func:`apply_kernel_plan` writes
-            into each op's ``kernels``.
+            ``lightning_attn``): ``triton``, ``torch`` or (the last two) ``fla``, what
+            :func:`apply_kernel_plan` writes into each op's ``kernels``.
         ops: per op of the module table: the implementation a step takes.
     """
 
@@ -117,7 +126,10 @@ def resolve_kernel_plan(
 
     Args:
         kernels: ``auto`` (the :data:`~lctrain.kernels.dispatch.AUTO_TRITON_ON_CUDA` table on
-            CUDA, torch on CPU), ``triton`` (every op with a Triton kernel) or ``torch``.
+            CUDA, with fla's kernels for the ops of ``AUTO_FLA_ON_CUDA`` where fla-core imports,
+            the compute dtype is bf16 and Triton is not interpreted; torch on CPU), ``triton``
+            (every op with a Triton kernel), ``torch``, or ``fla`` (fla-core's kernels for Gated
+            DeltaNet and Lightning, ``auto`` for the other ops; CUDA only).
         device: the target device (type ``cpu`` or ``cuda``); may differ from where the plan is
             built (the CUDA plan on a CPU machine runs under ``TRITON_INTERPRET=1``).
         expert_impl: ``model.moe.expert_impl`` (``auto`` | ``grouped`` | ``triton`` | ``loop``).
@@ -128,8 +140,10 @@ def resolve_kernel_plan(
         The plan.
 
     Raises:
-        ValueError: unknown ``kernels`` or device type.
-        ImportError: ``kernels=triton``, or ``auto`` on CUDA, without the triton package.
+        ValueError: unknown ``kernels`` or device type; ``fla`` on a CPU target (fla's Triton
+            kernels run on GPUs only, not under ``TRITON_INTERPRET=1``).
+        ImportError: ``kernels=triton``, or ``auto`` on CUDA, without the triton package;
+            ``kernels=fla`` without fla-core (the message names the ``fla`` extra).
     """
     dev = torch.device(device).type
     if dev not in PLAN_DEVICES:
@@ -140,21 +154,40 @@ def resolve_kernel_plan(
             "model.kernels=auto on CUDA needs the triton package (the CUDA builds of torch ship it): "
             "pip install triton, or set model.kernels=torch for the (slow) reference paths"
         )
+    if kernels == "fla":
+        from lctrain.kernels.fla_backend import require_fla
+
+        require_fla()
+        if dev != "cuda":
+            raise ValueError(
+                "fla's Triton kernels run on GPUs only (not on CPU, not under TRITON_INTERPRET=1); "
+                "use model.kernels=auto or torch on CPU"
+            )
+    if kernels == "fla" and dev == "cuda" and not triton_installed():
+        raise ImportError("model.kernels=fla needs the triton package (the CUDA builds of torch ship it)")
+    fla_auto = dev == "cuda" and fla_usable(compute_dtype)
     choice = {}
     for op in OP_OF_TYPE.values():
-        if kernels == "auto":
+        if kernels == "fla" and op in FLA_OPS:
+            choice[op] = "fla"
+            continue
+        if kernels in ("auto", "fla"):
+            if dev == "cuda" and AUTO_FLA_ON_CUDA.get(op, False) and fla_auto:
+                choice[op] = "fla"
+                continue
             tri = dev == "cuda" and AUTO_TRITON_ON_CUDA.get(op, True)
         else:
             tri = kernels == "triton"
         choice[op] = "triton" if tri else "torch"
     flash = choice["softmax_attention"] == "triton"
+    linear = {"triton": "triton_chunk", "torch": "torch_chunk"}
     ops = {
         "local_attention": "triton_flash" if flash else "sdpa",
         "varlen_attention": "triton_flash_varlen" if flash else "sdpa_per_document",
         "ring_block": "triton_flash" if flash else ("cpu_flash" if dev == "cpu" else "dense_block"),
         "ulysses_attention": "triton_flash_varlen" if flash else "sdpa_per_document",
-        "gated_delta_rule": "triton_chunk" if choice["gated_delta_rule"] == "triton" else "torch_chunk",
-        "lightning_attn": "triton_chunk" if choice["lightning_attn"] == "triton" else "torch_chunk",
+        "gated_delta_rule": {**linear, "fla": "fla_chunk"}[choice["gated_delta_rule"]],
+        "lightning_attn": {**linear, "fla": "fla_simple_gla"}[choice["lightning_attn"]],
         "moba": choice["moba"],
         "moe_gemm": _moe_gemm(dev, expert_impl, compute_dtype),
         "loss": "chunked_linear_ce" if loss_chunk_size > 0 else "logits_ce",
@@ -165,8 +198,8 @@ def resolve_kernel_plan(
 def apply_kernel_plan(model: torch.nn.Module, plan: KernelPlan) -> torch.nn.Module:
     """Write the plan's concrete choice into every sequence op of ``model`` (in place; returns it).
 
-    Each op of a type in :data:`OP_OF_TYPE` gets ``kernels = plan.choice[op]`` (``triton`` or
-    ``torch``) unless its layer was built with an explicit ``triton`` / ``torch`` choice other than
+    Each op of a type in :data:`OP_OF_TYPE` gets ``kernels = plan.choice[op]`` (``triton``,
+    ``torch`` or ``fla``) unless its layer was built with an explicit ``triton`` / ``torch`` choice other than
     the plan's ``kernels`` (a per-layer override stays). Context-parallel ops are applied later by
     ``parallelize()`` and read the choice from the op they wrap.
     """

@@ -595,7 +595,7 @@ class Trainer:
                     )
             if not self.state.val_history or self.state.val_history[-1][0] != t.max_steps:
                 self._evaluate_and_log(self.state.step, logger)
-            if t.checkpoint_every >= 0:
+            if t.checkpoint_every >= 0 and t.save_final:
                 last_ckpt = self.save()
         finally:
             logger.close()
