@@ -1,30 +1,39 @@
-"""One-shot GPU check: kernel tests on CUDA, kernel timings against baselines, an end-to-end run.
+"""One-shot GPU check, sized to the few minutes a GPU is lent: at most 6 minutes, one JSON.
 
-Made to run the moment a GPU is lent (about 15 minutes, one H100/H200): one command, under
-8 minutes, one JSON plus a printed table::
+::
 
     python benchmarks/gpu_check.py --out benchmarks/results/gpu_check_h100.json
 
-1. **Correctness on CUDA**: ``pytest tests/kernels`` (bf16 and fp32 cases of the GDN chunk,
-   flash attention with lse, Lightning, MoE grouped GEMM and MoBA kernels); pass/fail counts.
-2. **Kernel timings**, forward+backward, bf16, B=1, H=16, D=128, T = 8K, 32K (64K where memory
-   allows), each against its baseline measured in the same run: Gated DeltaNet Triton vs fla's
-   ``chunk_gated_delta_rule`` when fla is importable (a carried wheel: ``pip install
-   --no-deps flash-linear-attention-*.whl``) else the torch chunk path; flash attention (Triton)
-   vs ``F.scaled_dot_product_attention`` (its flash backend); Lightning Triton vs the torch chunk
-   path; MoBA Triton (block 512, top-3) vs SDPA. Each row records ``ratio = baseline_ms / ms``
-   (> 1: lctrain is faster) and the max relative error against the baseline's output. Also the
-   chunked linear cross entropy (``model.loss_chunk_size``) against whole logits +
-   ``F.cross_entropy`` at Qwen3-Next's vocabulary (151936), width 2048, 8192 tokens: ms and peak
-   memory of each (``loss`` in the JSON).
-3. **End to end**: ``hybrid_gdn_3to1`` at ``scale=340m``, seq 4096, ~20 steps (global batch 8
-   sequences), once with ``model.kernels=triton`` and once with ``torch``: tokens/s, MFU (from
-   :func:`lctrain.train.metrics.mfu`) and peak CUDA memory.
+Each section runs in its own subprocess under its own timeout (a section that crashes, hangs or
+times out loses only itself), and the JSON is rewritten after every section. The time plan (the
+sections and their timeouts, which bound the total) is printed first. Sections, in order:
 
-``--dry-run`` runs the same code paths on CPU with tiny shapes (Triton under its interpreter,
-fp32, a 2-step run of a tiny model on a small slice of the built-in corpus), so CI keeps the
-script working; its numbers mean nothing. Carrying wheels to the GPU machine: put them in
-``shared/wheels/`` and run ``pip install --no-deps shared/wheels/*.whl`` before this script.
+1. ``env``: device, torch / triton versions, fla-core's version or its import error (reported).
+2. ``timing_lctrain``: lctrain's Triton kernels, forward + backward, bf16, B=1, H=16, D=128,
+   T = 8K and 32K (64K for Gated DeltaNet only): Gated DeltaNet, Lightning, FlashAttention (with
+   SDPA's flash backend as its baseline, each timed in its own ``try``), MoBA (block 512, top-3);
+   then the chunked linear cross entropy against whole logits at Qwen3-Next's vocabulary. Each
+   row keeps its first call (compilation) apart from the median of the timed calls.
+3. ``timing_fla``: fla-core's ``chunk_gated_delta_rule`` and ``chunk_simple_gla`` (Lightning with
+   fixed decays) at the same shapes, through lctrain's mapping (``model.kernels=fla``); a
+   separate process, so a failing fla costs none of lctrain's numbers.
+4. ``correctness``: outputs and gradients of every kernel in bf16 (lctrain's and fla's) against
+   the fp32 torch paths on packed documents; a relative error above its threshold fails the section.
+5. ``kernel_tests``: ``pytest tests/kernels -m "not slow"`` on this machine, capped in time
+   (passed / failed counts so far when the cap is hit).
+6. ``end_to_end``: ``hybrid_gdn_3to1`` at ``scale=340m``, seq 4096, ``model.kernels=auto``, bf16,
+   no final checkpoint (``train.save_final=false``): tokens/s and MFU over the steps after the
+   first ``--warmup-steps`` (compilation), host syncs per step (``torch.cuda.set_sync_debug_mode``),
+   peak memory.
+
+``--dry-run`` runs every section's CPU stand-in (tiny shapes, fp32, Triton under its CPU
+interpreter, fla's PyTorch reference functions in place of its GPU kernels, a 4-step run of a
+tiny model), so CI keeps the script working; its numbers mean nothing. ``--force
+SECTION=raise|sleep`` makes a section fail or hang (to test that the others survive);
+``--timeout SECTION=SECONDS`` overrides a timeout. Exit code: 0 when every section is ``ok``.
+
+Wheels beyond the project: ``fla-core`` and ``einops`` (see benchmarks/README.md for carrying
+them to a machine without internet).
 """
 
 from __future__ import annotations
@@ -34,9 +43,11 @@ import gzip
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,259 +55,675 @@ if "--dry-run" in sys.argv and "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+# (section, timeout on a GPU in s, timeout in a dry run in s): the GPU timeouts bound the run
+SECTIONS: list[tuple[str, int, int]] = [
+    ("env", 20, 60),
+    ("timing_lctrain", 90, 240),
+    ("timing_fla", 65, 120),
+    ("correctness", 55, 240),
+    ("kernel_tests", 25, 120),
+    ("end_to_end", 105, 300),
+]
+BUDGET_S = 360  # 6 minutes: the sum of the GPU timeouts may not exceed it
+
+# relative error thresholds of the bf16 kernels against the fp32 torch paths (dry run: fp32 vs fp32)
+TOL_BF16 = {"out": 3e-2, "grad": 6e-2}
+TOL_FP32 = {"out": 1e-4, "grad": 1e-4}
 
 
-def _sync(dev: torch.device) -> None:
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _sync(dev) -> None:
+    import torch
+
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
 
 
-def time_fwd_bwd(fn, inputs: list[torch.Tensor], warmup: int, iters: int) -> tuple[float, torch.Tensor]:
-    """Median ms of ``fn(*inputs)`` forward + backward (a random output gradient); returns (ms, output)."""
+def time_fwd_bwd(fn, inputs, warmup: int, iters: int) -> dict:
+    """Forward + backward of ``fn(*inputs)`` (a fixed random output gradient): the first call's
+    seconds (compilation, autotuning) and the median ms of ``iters`` calls after ``warmup`` more."""
+    import torch
+
     dev = inputs[0].device
     xs = [x.detach().requires_grad_(x.is_floating_point()) for x in inputs]
+    t0 = time.perf_counter()
     out = fn(*xs)
     grad = torch.randn_like(out)
+    out.backward(grad)
+    _sync(dev)
+    first = time.perf_counter() - t0
     times = []
     for i in range(warmup + iters):
         for x in xs:
             x.grad = None
         _sync(dev)
         t0 = time.perf_counter()
-        o = fn(*xs)
-        o.backward(grad)
+        fn(*xs).backward(grad)
         _sync(dev)
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
-    return times[len(times) // 2], out.detach()
+    return {"ms": times[len(times) // 2], "first_call_s": first}
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
+def _rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def kernel_rows(dev: torch.device, dtype: torch.dtype, seqlens: list[int], H: int, D: int, warmup: int,
-                iters: int) -> list[dict]:
-    """Timings of every Triton kernel against its baseline (see the module docstring)."""
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e)[:300]}"
+
+
+def _shapes(dry: bool):
+    import torch
+
+    if dry:
+        return {"seqlens": [64], "gdn_extra": [128], "H": 2, "D": 16, "dtype": torch.float32, "warmup": 0, "iters": 1}
+    return {"seqlens": [8192, 32768], "gdn_extra": [65536], "H": 16, "D": 128, "dtype": torch.bfloat16,
+            "warmup": 1, "iters": 3}
+
+
+def _inputs(dev, dtype, T: int, H: int, D: int, seed: int):
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator(device=dev).manual_seed(seed)
+    q, k, v = (torch.randn(1, T, H, D, generator=g, device=dev) for _ in range(3))
+    qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    gate = -torch.rand(1, T, H, generator=g, device=dev) * 0.1
+    beta = torch.rand(1, T, H, generator=g, device=dev)
+    slope = torch.tensor([2.0 ** (-8 * (h + 1) / H) for h in range(H)], device=dev)
+    return {"q": q.to(dtype), "k": k.to(dtype), "v": v.to(dtype), "qn": qn.to(dtype), "kn": kn.to(dtype),
+            "g": gate, "beta": beta, "slope": slope}
+
+
+def _row_print(row: dict) -> None:
+    what = f"{row.get('op', '')} {row.get('impl', '')} T={row.get('T', '')}"
+    if "error" in row:
+        print(f"  {what}: {row['error']}", flush=True)
+    elif "ms" in row:
+        print(f"  {what}: {row['ms']:.2f} ms (first call {row['first_call_s']:.1f} s)", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ sections
+
+
+def section_env(args, emit) -> int:
+    import torch
+
+    row = {"torch": torch.__version__, "cuda": torch.version.cuda, "dry_run": args.dry_run,
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    try:
+        import triton
+
+        row["triton"] = triton.__version__
+    except ImportError as e:
+        row["triton"] = None
+        row["triton_error"] = _error(e)
+    from lctrain.kernels.fla_backend import FLA_PIN, fla_import_error
+
+    err = fla_import_error()
+    row["fla_pin"] = FLA_PIN
+    row["fla_import_error"] = err
+    if err is None:
+        from importlib.metadata import version
+
+        row["fla_core"] = version("fla-core")
+    from lctrain.kernels.plan import resolve_kernel_plan
+
+    if torch.cuda.is_available():
+        row["auto_plan_cuda_bf16"] = resolve_kernel_plan("auto", "cuda", compute_dtype=torch.bfloat16).ops
+    emit(row)
+    print(f"  {json.dumps(row)}", flush=True)
+    return 0
+
+
+def section_timing_lctrain(args, emit) -> int:
+    import torch
+    import torch.nn.functional as F
+
     from lctrain.kernels.flash_attn import flash_attn_func
-    from lctrain.kernels.gated_delta_rule import chunk_gated_delta_rule, chunk_gated_delta_rule_triton
-    from lctrain.kernels.lightning_attn import chunk_lightning_attn, chunk_lightning_attn_triton
+    from lctrain.kernels.gated_delta_rule import chunk_gated_delta_rule_triton
+    from lctrain.kernels.lightning_attn import chunk_lightning_attn_triton
     from lctrain.kernels.moba import moba_attn_func
 
-    try:
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_gdn
-    except Exception:  # not installed (or incompatible): the torch path is the baseline
-        fla_gdn = None
-    rows = []
-    slope = torch.tensor([2.0 ** (-8 * (h + 1) / H) for h in range(H)], device=dev)
-    for T in seqlens:
-        g = torch.Generator(device=dev).manual_seed(T)
+    dev = _device(args)
+    s = _shapes(args.dry_run)
+    H, D, dtype = s["H"], s["D"], s["dtype"]
 
-        def rnd(*shape, scale=1.0):
-            return (torch.randn(*shape, generator=g, device=dev) * scale).to(dtype)
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              is_causal=True).transpose(1, 2)
 
-        q, k, v = rnd(1, T, H, D), rnd(1, T, H, D), rnd(1, T, H, D)
-        qn, kn = F.normalize(q.float(), dim=-1).to(dtype), F.normalize(k.float(), dim=-1).to(dtype)
-        gate = -torch.rand(1, T, H, generator=g, device=dev) * 0.1
-        beta = torch.rand(1, T, H, generator=g, device=dev)
-        cases = [
-            ("gated_delta_rule", lambda q, k, v: chunk_gated_delta_rule_triton(q, k, v, gate, beta)[0],
-             (lambda q, k, v: fla_gdn(q, k, v, gate, beta)[0]) if fla_gdn is not None
-             else (lambda q, k, v: chunk_gated_delta_rule(q, k, v, gate, beta)[0]),
-             "fla" if fla_gdn is not None else "torch chunk", [qn, kn, v]),
-            ("flash_attn", lambda q, k, v: flash_attn_func(q, k, v, causal=True),
-             lambda q, k, v: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                            is_causal=True).transpose(1, 2),
-             "SDPA", [q, k, v]),
-            ("lightning_attn", lambda q, k, v: chunk_lightning_attn_triton(q, k, v, slope)[0],
-             lambda q, k, v: chunk_lightning_attn(q, k, v, slope)[0], "torch chunk", [q, k, v]),
-            ("moba", lambda q, k, v: moba_attn_func(q, k, v, min(512, T // 4), 3, kernels="triton"),
-             lambda q, k, v: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                            is_causal=True).transpose(1, 2),
-             "SDPA (dense)", [q, k, v]),
-        ]
-        for name, fn, base, base_name, inputs in cases:
-            row = {"op": name, "T": T, "H": H, "D": D, "dtype": str(dtype).split(".")[-1], "baseline": base_name}
-            try:
-                ms, out = time_fwd_bwd(fn, inputs, warmup, iters)
-                base_ms, base_out = time_fwd_bwd(base, inputs, warmup, iters)
-                row.update(ms=ms, baseline_ms=base_ms, ratio=base_ms / ms)
-                if name != "moba":  # MoBA is sparse: its output differs from dense attention by design
-                    row["rel_err_vs_baseline"] = _rel(out, base_out)
-            except torch.OutOfMemoryError as e:
-                row["error"] = f"out of memory: {str(e)[:120]}"
+    failed = 0
+    plan = [(T, op) for T in s["seqlens"] for op in ("gated_delta_rule", "lightning_attn", "flash_attn", "sdpa",
+                                                      "moba")]
+    plan += [(T, "gated_delta_rule") for T in s["gdn_extra"]]
+    for T, op in plan:
+        x = _inputs(dev, dtype, T, H, D, seed=T)
+        fns = {
+            "gated_delta_rule": (lambda q, k, v: chunk_gated_delta_rule_triton(q, k, v, x["g"], x["beta"])[0],
+                                 [x["qn"], x["kn"], x["v"]]),
+            "lightning_attn": (lambda q, k, v: chunk_lightning_attn_triton(q, k, v, x["slope"])[0],
+                               [x["q"], x["k"], x["v"]]),
+            "flash_attn": (lambda q, k, v: flash_attn_func(q, k, v, causal=True), [x["q"], x["k"], x["v"]]),
+            "sdpa": (sdpa, [x["q"], x["k"], x["v"]]),
+            "moba": (lambda q, k, v: moba_attn_func(q, k, v, min(512, T // 4), 3, kernels="triton"),
+                     [x["q"], x["k"], x["v"]]),
+        }
+        fn, inputs = fns[op]
+        row = {"op": op, "impl": "torch_sdpa" if op == "sdpa" else "lctrain_triton", "T": T, "H": H, "D": D,
+               "dtype": str(dtype).split(".")[-1]}
+        try:  # every measurement in its own try: one failure loses only its row
+            row.update(time_fwd_bwd(fn, inputs, s["warmup"], s["iters"]))
+        except Exception as e:
+            row["error"] = _error(e)
+            failed += 1
+            if dev.type == "cuda":
                 torch.cuda.empty_cache()
-            except Exception as e:  # one failing kernel must not lose the others' numbers
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            rows.append(row)
-            print(f"  {name:18s} T={T:6d}  " + (f"{row['ms']:9.2f} ms vs {base_name} {row['baseline_ms']:9.2f} ms "
-                                                f"-> {row['ratio']:.2f}x" if "ms" in row else row["error"]), flush=True)
-    return rows
+        emit(row)
+        _row_print(row)
+        del x, fns, inputs
+    emit(_loss_row(dev, dtype, args.dry_run, s["warmup"], s["iters"]))
+    return 1 if failed else 0
 
 
-def run_tests(dry_run: bool, timeout_s: int) -> dict:
-    """``pytest tests/kernels`` on this machine (``--collect-only`` in a dry run: CI runs them itself)."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels", "-m", "not slow"]
-    if dry_run:
-        cmd.append("--collect-only")
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
-    tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
-    return {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "summary": tail[0],
-            "seconds": time.perf_counter() - t0}
+def _loss_row(dev, dtype, dry: bool, warmup: int, iters: int) -> dict:
+    """Chunked linear cross entropy (``model.loss_chunk_size``) against whole logits +
+    ``F.cross_entropy``: ms and peak memory of each, loss error. Qwen3-Next's vocabulary (151936),
+    width 2048, 8192 tokens, chunk 4096 (dry run: tiny)."""
+    import torch
+    import torch.nn.functional as F
 
-
-def loss_rows(dev: torch.device, dtype: torch.dtype, dry_run: bool, warmup: int, iters: int) -> list[dict]:
-    """Chunked linear cross entropy (``model.loss_chunk_size``) against whole logits + ``F.cross_entropy``
-    (the trainer's default path), forward + backward: ms, peak memory above the inputs, loss error.
-    Qwen3-Next's vocabulary (151936) and width 2048, 8192 tokens, chunk 4096 (dry run: tiny)."""
     from lctrain.kernels.cross_entropy import linear_cross_entropy
 
-    N, D, V, chunk = (64, 16, 100, 16) if dry_run else (8192, 2048, 151936, 4096)
+    N, D, V, chunk = (64, 16, 100, 16) if dry else (8192, 2048, 151936, 4096)
     g = torch.Generator(device=dev).manual_seed(0)
     h = torch.randn(N, D, device=dev, dtype=dtype, generator=g)
-    w = (torch.randn(V, D, device=dev, dtype=dtype, generator=g) * D**-0.5)
+    w = torch.randn(V, D, device=dev, dtype=dtype, generator=g) * D**-0.5
     y = torch.randint(0, V, (N,), device=dev, generator=g)
-    cases = {
-        "chunked": lambda h, w: linear_cross_entropy(h, w, y, chunk_size=chunk),
-        "logits": lambda h, w: F.cross_entropy((h @ w.t()).float(), y, reduction="sum"),
-    }
-    row = {"op": "linear_cross_entropy", "T": N, "D": D, "V": V, "chunk_size": chunk,
-           "dtype": str(dtype).split(".")[-1], "baseline": "logits + F.cross_entropy"}
+    row = {"op": "linear_cross_entropy", "impl": "chunked vs logits", "T": N, "D": D, "V": V, "chunk_size": chunk}
     try:
         out = {}
-        for name, fn in cases.items():
+        for name, fn in (("chunked", lambda h, w: linear_cross_entropy(h, w, y, chunk_size=chunk)),
+                         ("logits", lambda h, w: F.cross_entropy((h @ w.t()).float(), y, reduction="sum"))):
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(dev)
                 base = torch.cuda.memory_allocated(dev)
-            ms, loss = time_fwd_bwd(fn, [h, w], warmup, iters)
-            out[name] = (ms, loss)
+            out[name] = time_fwd_bwd(fn, [h, w], warmup, iters)["ms"]
             if dev.type == "cuda":
                 row[f"{name}_peak_mib"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
-        row.update(ms=out["chunked"][0], baseline_ms=out["logits"][0], ratio=out["logits"][0] / out["chunked"][0],
-                   rel_err_vs_baseline=_rel(out["chunked"][1].float(), out["logits"][1].float()))
+        with torch.no_grad():
+            a = linear_cross_entropy(h, w, y, chunk_size=chunk).float()
+            b = F.cross_entropy((h @ w.t()).float(), y, reduction="sum")
+        row.update(ms=out["chunked"], logits_ms=out["logits"], rel_err=_rel(a, b))
     except Exception as e:  # e.g. out of memory for the whole logits
-        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    print(f"  {row['op']} " + (f"{row['ms']:.2f} ms vs {row['baseline_ms']:.2f} ms" if "ms" in row else row["error"]),
+        row["error"] = _error(e)
+    print(f"  linear_cross_entropy: {json.dumps({k: v for k, v in row.items() if k not in ('op', 'impl')})}",
           flush=True)
-    return [row]
+    return row
 
 
-def _small_corpus(path: Path) -> Path:
+def _fla_stand_ins():
+    """CPU stand-ins for fla's GPU kernels in a dry run: fla's own PyTorch reference functions
+    behind its chunk signatures (the mapping of :mod:`lctrain.kernels.fla_backend` runs as on a GPU)."""
+    from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+    from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
+
+    def gdn(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, **_):
+        assert cu_seqlens is None and v.shape[2] == q.shape[2]
+        return naive_recurrent_gated_delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
+                                                output_final_state=output_final_state)
+
+    def sgla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
+             cu_seqlens=None, **_):
+        assert cu_seqlens is None and g is None
+        return naive_recurrent_simple_gla(q, k, v, g_gamma.expand(*q.shape[:3]), scale=scale,
+                                          initial_state=initial_state, output_final_state=output_final_state)
+
+    return gdn, sgla
+
+
+def section_timing_fla(args, emit) -> int:
+    from lctrain.kernels import fla_backend
+
+    dev = _device(args)
+    s = _shapes(args.dry_run)
+    H, D, dtype = s["H"], s["D"], s["dtype"]
+    err = fla_backend.fla_import_error()
+    if err is not None:  # reported, not swallowed: the section fails with fla's own import error
+        emit({"op": "fla", "error": f"fla-core does not import: {err} ({fla_backend.FLA_INSTALL})"})
+        print(f"  fla-core does not import: {err}", flush=True)
+        return 1
+    if args.dry_run:
+        fla_backend.set_fla_kernels(*_fla_stand_ins())
+    failed = 0
+    plan = [(T, op) for T in s["seqlens"] for op in ("gated_delta_rule", "lightning_attn")]
+    plan += [(T, "gated_delta_rule") for T in s["gdn_extra"]]
+    for T, op in plan:
+        x = _inputs(dev, dtype, T, H, D, seed=T)
+        if op == "gated_delta_rule":
+            fn = lambda q, k, v: fla_backend.fla_chunk_gated_delta_rule(q, k, v, x["g"], x["beta"])[0]  # noqa: E731
+            inputs = [x["qn"], x["kn"], x["v"]]
+        else:
+            fn = lambda q, k, v: fla_backend.fla_chunk_lightning_attn(q, k, v, x["slope"])[0]  # noqa: E731
+            inputs = [x["q"], x["k"], x["v"]]
+        row = {"op": op, "impl": "fla_chunk" if op == "gated_delta_rule" else "fla_simple_gla", "T": T, "H": H,
+               "D": D, "dtype": str(dtype).split(".")[-1]}
+        if args.dry_run:
+            row["stand_in"] = "fla's naive reference functions (its Triton kernels need a GPU)"
+        try:
+            row.update(time_fwd_bwd(fn, inputs, s["warmup"], s["iters"]))
+        except Exception as e:
+            row["error"] = _error(e)
+            failed += 1
+        emit(row)
+        _row_print(row)
+    return 1 if failed else 0
+
+
+def section_correctness(args, emit) -> int:
+    """Outputs and q/k/v (+ g, beta) gradients of each kernel in the check's dtype against the
+    fp32 torch path on the same (rounded) inputs, packed documents; thresholds that fail."""
+    import torch
+    import torch.nn.functional as F
+
+    from lctrain.kernels import fla_backend
+    from lctrain.kernels.flash_attn import flash_attn_func  # noqa: F401  (import errors surface here)
+    from lctrain.kernels.gated_delta_rule import chunk_gated_delta_rule, chunk_gated_delta_rule_triton
+    from lctrain.kernels.lightning_attn import chunk_lightning_attn, chunk_lightning_attn_triton
+    from lctrain.kernels.softmax_attn import softmax_attention
+    from lctrain.kernels.varlen import attach_host_bounds, with_host_bounds
+
+    dev = _device(args)
+    dry = args.dry_run
+    dtype = torch.float32 if dry else torch.bfloat16
+    tol = TOL_FP32 if dry else TOL_BF16
+    T, H, D = (96, 2, 16) if dry else (4096, 4, 128)
+    bounds = [0, T // 3, T // 3 + 1, T]  # a one-token document too
+    cu = with_host_bounds(attach_host_bounds(torch.tensor(bounds, dtype=torch.int32), bounds), dev)
+    x = _inputs(dev, dtype, T, H, D, seed=1)
+    fla_err = fla_backend.fla_import_error()
+    if dry and fla_err is None:
+        fla_backend.set_fla_kernels(*_varlen(_fla_stand_ins()))
+    cases = {
+        "gated_delta_rule": (
+            lambda q, k, v, g, b: chunk_gated_delta_rule_triton(q, k, v, g, b, cu_seqlens=cu)[0],
+            lambda q, k, v, g, b: chunk_gated_delta_rule(q, k, v, g, b, cu_seqlens=cu)[0],
+            [x["qn"], x["kn"], x["v"], x["g"], x["beta"]]),
+        "lightning_attn": (
+            lambda q, k, v: chunk_lightning_attn_triton(q, k, v, x["slope"], cu_seqlens=cu)[0],
+            lambda q, k, v: chunk_lightning_attn(q, k, v, x["slope"], cu_seqlens=cu)[0],
+            [x["q"], x["k"], x["v"]]),
+        "flash_attn_varlen": (
+            lambda q, k, v: softmax_attention(q, k, v, cu_seqlens=cu, kernels="triton"),
+            lambda q, k, v: softmax_attention(q, k, v, cu_seqlens=cu, kernels="torch"),
+            [x["q"], x["k"], x["v"]]),
+    }
+    if fla_err is None:
+        cases["fla_gated_delta_rule"] = (
+            lambda q, k, v, g, b: fla_backend.fla_chunk_gated_delta_rule(q, k, v, g, b, cu_seqlens=cu)[0],
+            cases["gated_delta_rule"][1], cases["gated_delta_rule"][2])
+        cases["fla_lightning_attn"] = (
+            lambda q, k, v: fla_backend.fla_chunk_lightning_attn(q, k, v, x["slope"], cu_seqlens=cu)[0],
+            cases["lightning_attn"][1], cases["lightning_attn"][2])
+    else:
+        emit({"op": "fla", "error": f"fla-core does not import: {fla_err}"})
+    failed = 0 if fla_err is None else 1
+    gen = torch.Generator(device=dev).manual_seed(5)
+    for name, (fn, ref, inputs) in cases.items():
+        row = {"op": name, "T": T, "H": H, "D": D, "dtype": str(dtype).split(".")[-1], "tol": tol}
+        try:
+            xa = [t.detach().clone().requires_grad_() for t in inputs]
+            xr = [t.detach().float().clone().requires_grad_() for t in inputs]  # fp32 reference, same values
+            oa = fn(*xa)
+            orf = ref(*xr)
+            do = torch.randn(orf.shape, generator=gen, device=dev)
+            oa.float().backward(do)
+            orf.backward(do)
+            row["out_rel_err"] = _rel(oa.float(), orf)
+            row["grad_rel_err"] = {n: _rel(a.grad.float(), r.grad) for n, a, r in zip("qkvgb", xa, xr)}
+            bad = row["out_rel_err"] > tol["out"] or any(e > tol["grad"] for e in row["grad_rel_err"].values())
+            bad = bad or not all(math.isfinite(e) for e in [row["out_rel_err"], *row["grad_rel_err"].values()])
+            row["pass"] = not bad
+            failed += bad
+        except Exception as e:
+            row["error"] = _error(e)
+            failed += 1
+        emit(row)
+        print(f"  {name}: " + (row["error"] if "error" in row else
+                               f"out {row['out_rel_err']:.1e}, grads "
+                               + " ".join(f"{k}={v:.1e}" for k, v in row["grad_rel_err"].items())
+                               + ("" if row["pass"] else "  FAIL")), flush=True)
+    _ = F
+    return 3 if failed else 0
+
+
+def _varlen(pair):
+    """fla stand-ins taking ``cu_seqlens`` (one reference call per document), as fla's kernels do."""
+    import itertools
+
+    import torch
+
+    def wrap(fn, n_per_token):
+        def run(*a, initial_state=None, output_final_state=False, cu_seqlens=None, cu_seqlens_cpu=None, **kw):
+            if cu_seqlens is None:
+                return fn(*a, initial_state=initial_state, output_final_state=output_final_state, **kw)
+            outs, states = [], []
+            for n, (s, e) in enumerate(itertools.pairwise(cu_seqlens_cpu.tolist())):
+                part = [t[:, s:e] if i < n_per_token else t for i, t in enumerate(a)]
+                h0 = None if initial_state is None else initial_state[n:n + 1]
+                o, h = fn(*part, initial_state=h0, output_final_state=True, **kw)
+                outs.append(o)
+                states.append(h)
+            return torch.cat(outs, 1), (torch.cat(states) if output_final_state else None)
+
+        return run
+
+    return wrap(pair[0], 5), wrap(pair[1], 3)
+
+
+def section_kernel_tests(args, emit) -> int:
+    """``pytest tests/kernels`` here, capped (``--collect-only`` in a dry run: CI runs them itself)."""
+    cap = max(5, args.section_timeout - 5)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels", "-m", "not slow"]
+    if args.dry_run:
+        cmd.append("--collect-only")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=cap)
+        capped = False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        capped = True
+    lines = out.strip().splitlines()
+    progress = "".join(ln for ln in lines if ln and set(ln.split(" [")[0]) <= set(".FEsx"))
+    row = {"command": " ".join(cmd[1:]), "returncode": None if capped else proc.returncode, "capped_at_s": cap,
+           "capped": capped, "summary": lines[-1] if lines else "", "passed_so_far": progress.count("."),
+           "failed_so_far": progress.count("F") + progress.count("E"), "seconds": time.perf_counter() - t0}
+    emit(row)
+    print(f"  {row['summary']}" + (f" (capped at {cap} s: {row['passed_so_far']} passed, {row['failed_so_far']} "
+                                   "failed so far)" if capped else ""), flush=True)
+    return 1 if row["failed_so_far"] or (not capped and proc.returncode != 0) else 0
+
+
+def _small_corpus(path: Path, docs: int, chars: int) -> Path:
     with gzip.open(REPO / "lctrain" / "data" / "builtin" / "pd_english.jsonl.gz", "rt", encoding="utf-8") as f:
-        docs = [json.loads(line) for _, line in zip(range(12), f)]
-    path.write_text("".join(json.dumps({"text": d["text"][:20000]}) + "\n" for d in docs), encoding="utf-8")
+        rows = [json.loads(line) for _, line in zip(range(docs), f)]
+    path.write_text("".join(json.dumps({"text": d["text"][:chars]}) + "\n" for d in rows), encoding="utf-8")
     return path
 
 
-def end_to_end(dev: torch.device, dry_run: bool, steps: int, workdir: Path) -> list[dict]:
-    """``hybrid_gdn_3to1`` at 340m (seq 4096) with each kernel choice: tokens/s, MFU, peak memory."""
-    from lctrain.config import load_config
-    from lctrain.models import HybridLM
-    from lctrain.train.metrics import mfu
-    from lctrain.train.trainer import train
+class _SyncCounter:
+    """Host syncs of the measured steps: CUDA ``set_sync_debug_mode('warn')`` warnings on a GPU;
+    on CPU (dry run) the calls of ``Tensor.item`` / ``Tensor.tolist`` (a CPU has no syncs)."""
 
-    if dry_run:
+    def __init__(self, dev):
+        import torch
+
+        self.dev, self.count, self.torch = dev, 0, torch
+        self._orig = {}
+
+    def __enter__(self):
+        import warnings
+
+        torch = self.torch
+        if self.dev.type == "cuda":
+            self._w = warnings.catch_warnings(record=True)
+            self._log = self._w.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        else:
+            for name in ("item", "tolist"):
+                orig = getattr(torch.Tensor, name)
+                self._orig[name] = orig
+
+                def counted(t, *a, _orig=orig, **kw):
+                    self.count += 1
+                    return _orig(t, *a, **kw)
+
+                setattr(torch.Tensor, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        torch = self.torch
+        if self.dev.type == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+            self.count += sum("synchroniz" in str(w.message) for w in self._log)
+            self._w.__exit__(*exc)
+        else:
+            for name, orig in self._orig.items():
+                setattr(torch.Tensor, name, orig)
+        return False
+
+
+def section_end_to_end(args, emit) -> int:
+    import torch
+
+    from lctrain.config import load_config
+    from lctrain.train.metrics import mfu
+    from lctrain.train.trainer import Trainer
+
+    dev = _device(args)
+    workdir = Path(args.workdir)
+    dry = args.dry_run
+    steps, warm = (4, 2) if dry else (args.steps, args.warmup_steps)
+    if dry:
         base = ["recipe=hybrid_gdn_3to1", "scale=cpu", "model.d_model=32", "model.vocab_size=512",
                 "model.attn.num_heads=2", "model.attn.num_kv_heads=1", "model.attn.head_dim=16",
                 "model.gdn.num_heads=2", "model.gdn.head_dim=16", "data.seq_len=64",
-                f"data.path={_small_corpus(workdir / 'corpus.jsonl')}", "train.global_batch_size=2",
+                f"data.path={_small_corpus(workdir / 'corpus.jsonl', 12, 20000)}", "train.global_batch_size=2",
                 "train.micro_batch_size=1"]
     else:
+        # 2.4 MB of text (~650K tokens; 14 steps take 460K) and a 4096-piece tokenizer trained on it in
+        # under a second (the model keeps its 32000-row vocabulary: the step's compute is the preset's)
+        corpus = _small_corpus(workdir / "corpus.jsonl", 60, 40000)
+        from lctrain.data.tokenizer import train_tokenizer
+
+        docs = [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines()]
+        train_tokenizer(docs, 4096, workdir / "tok4k")
         base = ["recipe=hybrid_gdn_3to1", "scale=340m", "data.seq_len=4096", "train.global_batch_size=8",
-                "train.micro_batch_size=2", "train.dtype=bf16"]
-    rows = []
-    for kernels in ("triton", "torch"):
-        args = base + [f"model.kernels={kernels}", f"train.max_steps={steps}", f"train.out_dir={workdir / kernels}",
+                "train.micro_batch_size=2", "train.dtype=bf16", f"data.path={corpus}",
+                f"data.tokenizer={workdir / 'tok4k.model'}"]
+    cfg_args = base + ["model.kernels=auto", f"train.max_steps={steps}", f"train.out_dir={workdir / 'e2e'}",
                        f"data.cache_dir={workdir / 'cache'}", "train.eval_every=0", "train.checkpoint_every=0",
-                       "train.eval_batches=1", "train.progress=false", "train.tensorboard=false",
-                       "train.resume=none", "optim.warmup_steps=2"]
-        row = {"kernels": kernels, "args": args}
-        try:
-            cfg = load_config(args)
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
-            t0 = time.perf_counter()
-            summary = train(cfg)
-            row.update(wall_s=time.perf_counter() - t0, tokens_per_s=summary["tokens_per_s"],
-                       final_train_loss=summary["final_train_loss"], num_params=summary["num_params"])
-            with torch.device("meta"):
-                fpt = HybridLM(cfg.model).flops_per_token(cfg.data.seq_len)
-            row["flops_per_token"] = fpt
-            util = mfu(fpt, summary["tokens_per_s"], dev)
-            row["mfu"] = util
-            if dev.type == "cuda":
-                row["peak_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
-        except Exception as e:
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        rows.append(row)
-        print(f"  e2e kernels={kernels:6s} " + (f"{row['tokens_per_s']:.0f} tok/s, MFU {row['mfu']}"
-                                                if "tokens_per_s" in row else row["error"]), flush=True)
-    return rows
+                       "train.save_final=false", "train.eval_batches=1", "train.progress=false",
+                       "train.tensorboard=false", "train.curves=false", "train.resume=none", "optim.warmup_steps=2"]
+    row = {"args": cfg_args, "steps": steps, "warmup_steps_excluded": warm}
+    emit({"started": True, **row})
+    trainer = Trainer(load_config(cfg_args))
+    row["kernel_plan"] = trainer.kernel_plan.ops
+    times: list[float] = []
+    syncs: list[int] = []
+    orig = trainer.train_step
+
+    def timed_step():
+        measured = len(times) >= warm
+        if measured and dev.type == "cuda" and len(times) == warm:
+            torch.cuda.reset_peak_memory_stats(dev)
+        counter = _SyncCounter(dev) if measured else None
+        t0 = time.perf_counter()
+        if counter is not None:
+            with counter:
+                out = orig()
+        else:
+            out = orig()
+        _sync(dev)  # the step already read its loss; this closes any trailing work
+        times.append(time.perf_counter() - t0)
+        if counter is not None:
+            syncs.append(counter.count)
+        return out
+
+    trainer.train_step = timed_step
+    t0 = time.perf_counter()
+    summary = trainer.fit()
+    row["wall_s"] = time.perf_counter() - t0
+    tokens_per_step = trainer.tokens_per_step
+    measured = times[warm:]
+    row.update(
+        step_s=times, compile_steps_s=sum(times[:warm]), final_train_loss=summary["final_train_loss"],
+        num_params=summary["num_params"], flops_per_token=trainer.flops_per_token,
+        tokens_per_s=tokens_per_step * len(measured) / sum(measured) if measured else None,
+        tokens_per_s_all_steps=summary["tokens_per_s"],
+        host_syncs_per_step=(sum(syncs) / len(syncs)) if syncs else None,
+        host_sync_counter="torch.cuda.set_sync_debug_mode" if dev.type == "cuda" else "Tensor.item/tolist calls (CPU)",
+        final_checkpoint_written=any((workdir / "e2e").rglob("COMPLETE")),
+    )
+    row["mfu"] = mfu(trainer.flops_per_token, row["tokens_per_s"], dev) if row["tokens_per_s"] else None
+    if dev.type == "cuda":
+        row["peak_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    emit(row)
+    print("  " + json.dumps({k: row.get(k) for k in ("tokens_per_s", "mfu", "host_syncs_per_step", "peak_memory_gib",
+                                                      "compile_steps_s", "final_train_loss")}), flush=True)
+    ok = row["tokens_per_s"] and math.isfinite(row["final_train_loss"] or math.nan)
+    return 0 if ok else 3
+
+
+SECTION_FNS = {
+    "env": section_env,
+    "timing_lctrain": section_timing_lctrain,
+    "timing_fla": section_timing_fla,
+    "correctness": section_correctness,
+    "kernel_tests": section_kernel_tests,
+    "end_to_end": section_end_to_end,
+}
+
+
+def _device(args):
+    import torch
+
+    return torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+def run_section(args) -> int:
+    """Child process: run one section, appending each result row to ``--part`` as a JSON line."""
+    part = Path(args.part)
+
+    def emit(row: dict) -> None:
+        with part.open("a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+
+    forced = dict(f.split("=", 1) for f in args.force)
+    if forced.get(args.section) == "raise":
+        raise RuntimeError(f"forced failure of section {args.section} (--force)")
+    if forced.get(args.section) == "sleep":
+        emit({"note": "forced to hang (--force)"})
+        time.sleep(3600)
+    return SECTION_FNS[args.section](args, emit)
+
+
+def time_plan(args) -> list[tuple[str, int]]:
+    """The sections to run with their timeouts (``--sections``, ``--timeout`` applied)."""
+    overrides = {k: int(v) for k, v in (t.split("=", 1) for t in args.timeout)}
+    chosen = args.sections or [s for s, *_ in SECTIONS]
+    unknown = set(chosen) - set(SECTION_FNS)
+    if unknown:
+        raise SystemExit(f"error: unknown sections {sorted(unknown)}; known: {', '.join(SECTION_FNS)}")
+    plan = []
+    for name, gpu_s, dry_s in SECTIONS:
+        if name in chosen:
+            plan.append((name, overrides.get(name, dry_s if args.dry_run else gpu_s)))
+    return plan
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (Triton interpreter): checks the script")
-    ap.add_argument("--out", default="", help="write the JSON here")
-    ap.add_argument("--seqlens", type=int, nargs="*", default=None, help="default 8192 32768 65536 (dry run: 64)")
-    ap.add_argument("--steps", type=int, default=None, help="end-to-end steps (default 20; dry run 2)")
-    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--dry-run", action="store_true", help="every section's CPU stand-in (Triton interpreter)")
+    ap.add_argument("--out", default="", help="the JSON, rewritten after every section")
     ap.add_argument("--workdir", default=str(REPO / "runs" / "gpu_check"))
+    ap.add_argument("--sections", nargs="*", default=None, help=f"subset of: {', '.join(SECTION_FNS)}")
+    ap.add_argument("--timeout", action="append", default=[], metavar="SECTION=SECONDS")
+    ap.add_argument("--force", action="append", default=[], metavar="SECTION=raise|sleep",
+                    help="make a section fail or hang (tests that the others survive)")
+    ap.add_argument("--steps", type=int, default=14, help="end-to-end steps (GPU)")
+    ap.add_argument("--warmup-steps", type=int, default=4, help="first end-to-end steps left out of tokens/s, MFU")
+    ap.add_argument("--section", default=None, help=argparse.SUPPRESS)  # child: run this section
+    ap.add_argument("--part", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--section-timeout", type=int, default=60, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    dry = args.dry_run
-    dev = torch.device("cpu" if dry or not torch.cuda.is_available() else "cuda")
-    if not dry and dev.type != "cuda":
+    if args.force and not all("=" in f and f.split("=", 1)[1] in ("raise", "sleep") for f in args.force):
+        raise SystemExit("error: --force takes SECTION=raise or SECTION=sleep")
+    if args.section:
+        return run_section(args)
+
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
         print("error: no CUDA device; use --dry-run on CPU", file=sys.stderr)
+        return 2
+    plan = time_plan(args)
+    total = sum(t for _, t in plan)
+    print(f"[gpu_check] time plan ({'dry run' if args.dry_run else 'GPU'}), each section a subprocess with "
+          f"its timeout; at most {total} s in all (budget {BUDGET_S} s on a GPU):", flush=True)
+    for name, tmo in plan:
+        print(f"  {name:15s} <= {tmo:4d} s", flush=True)
+    if not args.dry_run and total > BUDGET_S:
+        print(f"error: the plan takes up to {total} s, over the {BUDGET_S} s budget", file=sys.stderr)
         return 2
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    result: dict = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (dry run)",
-                    "torch": torch.__version__, "dry_run": dry}
-    try:
-        import triton
+    result = {"dry_run": args.dry_run, "time_plan_s": dict(plan), "budget_s": BUDGET_S, "sections": {}}
+    out = Path(args.out) if args.out else None
 
-        result["triton"] = triton.__version__
-    except ImportError:
-        result["triton"] = None
-    print("[gpu_check] 1/3 kernel tests", flush=True)
-    result["tests"] = None if args.skip_tests else run_tests(dry, timeout_s=300)
-    print("[gpu_check] 2/3 kernel timings", flush=True)
-    seqlens = args.seqlens or ([64] if dry else [8192, 32768, 65536])
-    H, D = (2, 16) if dry else (16, 128)
-    dtype = torch.float32 if dry else torch.bfloat16
-    result["kernels"] = kernel_rows(dev, dtype, seqlens, H, D, warmup=0 if dry else 2, iters=1 if dry else 5)
-    result["loss"] = loss_rows(dev, dtype, dry, warmup=0 if dry else 2, iters=1 if dry else 5)
-    print("[gpu_check] 3/3 end to end", flush=True)
-    result["end_to_end"] = end_to_end(dev, dry, args.steps or (2 if dry else 20), workdir)
-    losses = [r.get("final_train_loss") for r in result["end_to_end"]]
-    if None not in losses:  # the two kernel choices train the same model on the same batches
-        result["e2e_loss_rel_diff"] = abs(losses[0] - losses[1]) / abs(losses[1])
-    result["wall_s"] = time.perf_counter() - t_start
-    print(f"\n{'op':18s} {'T':>6s} {'ms':>9s} {'baseline':>14s} {'base ms':>9s} {'ratio':>6s} {'rel err':>8s}")
-    for r in result["kernels"]:
-        if "ms" in r:
-            print(f"{r['op']:18s} {r['T']:6d} {r['ms']:9.2f} {r['baseline']:>14s} {r['baseline_ms']:9.2f} "
-                  f"{r['ratio']:6.2f} {r.get('rel_err_vs_baseline', math.nan):8.1e}")
-        else:
-            print(f"{r['op']:18s} {r['T']:6d} {r['error']}")
-    for r in result["end_to_end"]:
-        print(f"e2e {r['kernels']}: " + json.dumps({k: r.get(k) for k in ("tokens_per_s", "mfu", "peak_memory_gib",
-                                                                           "error") if k in r}))
-    print(f"[gpu_check] done in {result['wall_s']:.0f} s", flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
-    failed = [r for r in result["kernels"] + result["end_to_end"] if "error" in r]
-    tests_failed = result["tests"] is not None and result["tests"]["returncode"] != 0
-    return 1 if failed or tests_failed else 0
+    def write() -> None:
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result, indent=1, default=str))
+            tmp.replace(out)
+
+    t_start = time.perf_counter()
+    write()
+    for name, tmo in plan:
+        print(f"[gpu_check] {name} (timeout {tmo} s)", flush=True)
+        part, log = workdir / f"{name}.jsonl", workdir / f"{name}.log"
+        part.unlink(missing_ok=True)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--part", str(part),
+               "--workdir", str(workdir), "--section-timeout", str(tmo), "--steps", str(args.steps),
+               "--warmup-steps", str(args.warmup_steps)]
+        cmd += ["--dry-run"] if args.dry_run else []
+        for f in args.force:
+            cmd += ["--force", f]
+        t0 = time.perf_counter()
+        with log.open("w") as errf:
+            proc = subprocess.Popen(cmd, cwd=REPO, stderr=errf, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=tmo)
+                status = {0: "ok", 3: "fail"}.get(rc, "error")
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # the section and anything it started
+                proc.wait()
+                rc, status = None, "timeout"
+        rows = [json.loads(ln) for ln in part.read_text().splitlines() if ln.strip()] if part.exists() else []
+        sec = {"status": status, "returncode": rc, "seconds": round(time.perf_counter() - t0, 2), "timeout_s": tmo,
+               "rows": rows}
+        if status in ("error", "timeout"):
+            tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+            sec["stderr_tail"] = tail[-15:]
+        result["sections"][name] = sec
+        result["wall_s"] = round(time.perf_counter() - t_start, 2)
+        write()
+        print(f"[gpu_check] {name}: {status} in {sec['seconds']:.1f} s"
+              + (f": {sec['stderr_tail'][-1]}" if sec.get("stderr_tail") else ""), flush=True)
+    bad = {n: s["status"] for n, s in result["sections"].items() if s["status"] != "ok"}
+    print(f"[gpu_check] done in {result['wall_s']:.0f} s; " + (f"not ok: {bad}" if bad else "every section ok")
+          + (f"; JSON: {out}" if out else ""), flush=True)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)
