@@ -132,7 +132,7 @@ def test_a(device):
 
 def test_kernel_tests_follow_the_device_fixture():
     files = _kernel_test_files()
-    assert len(files) >= 7, files  # flash, moba, lightning, gdn, cross entropy, moe, production shapes
+    assert len(files) >= 7, files  # flash, moba, lightning, gdn, cross entropy, moe, production shapes ...
     found = [v for p in files for v in device_violations(p.read_text(), p.name)]
     assert not found, "kernel tests pin a device (use the `device` fixture):\n" + "\n".join(found)
 
