@@ -541,8 +541,8 @@ def validate(cfg: RunConfig) -> None:
     for letter in dict.fromkeys(m.layer_pattern + m.final_layers):  # each mixer section in use, validated by its layer
         spec = MIXERS[letter]
         mixer_config(m, spec).validate(prefix=f"model.{spec.section}")
-    _check_kernel_limits(m)
     m.moe.validate(m.n_layers)
+    _check_kernel_limits(m)  # after the sections that name kernels (model.moe.expert_impl)
     m.lora_mixer.validate()
     _require(m.ffn_hidden_size >= 0, "model.ffn_hidden_size", m.ffn_hidden_size, "must be >= 0 (0 = 8/3 d_model)")
     _require(m.loss_chunk_size >= 0, "model.loss_chunk_size", m.loss_chunk_size,

@@ -41,6 +41,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lctrain.kernels.moe.dispatch import expert_counts
+
 _state = threading.local()
 
 
@@ -110,7 +112,7 @@ def load_balancing_loss(probs: torch.Tensor, topk_idx: torch.Tensor, num_experts
     ``f_i = count_i / (S * K)``, ``P_i = mean_s probs[s, i]`` (Fedus et al. 2022, eq. 4-6).
     """
     S, K = topk_idx.shape
-    counts = torch.bincount(topk_idx.flatten(), minlength=num_experts).to(probs.dtype)
+    counts = expert_counts(topk_idx, num_experts).to(probs.dtype)
     total = torch.tensor([float(S * K)], dtype=probs.dtype, device=probs.device)
     if group is not None:
         packed = torch.cat([counts, total])
@@ -138,7 +140,7 @@ def capacity_keep_mask(topk_weight: torch.Tensor, topk_idx: torch.Tensor, num_ex
     flat_w = topk_weight.detach().flatten()
     by_weight = torch.argsort(-flat_w, stable=True)
     order = by_weight[torch.argsort(flat_e[by_weight], stable=True)]  # expert-major, weight-descending
-    counts = torch.bincount(flat_e, minlength=num_experts)
+    counts = expert_counts(flat_e, num_experts)
     starts = torch.cumsum(counts, 0) - counts
     rank_in_expert = torch.arange(order.numel(), device=flat_e.device) - starts[flat_e[order]]
     keep = torch.zeros(S * K, dtype=torch.bool, device=flat_e.device)
@@ -205,7 +207,7 @@ class RoutingStats:
         """
         if is_recomputing():
             return
-        self.load += torch.bincount(topk_idx.flatten(), minlength=self.num_experts).to(torch.float64)
+        self.load += expert_counts(topk_idx, self.num_experts).to(torch.float64)
         self.aux_loss += aux_loss.detach().double()
         self.z_loss += z_loss.detach().double()
         if dropped is not None:

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lctrain.kernels.moe.dispatch import combine, local_dispatch_combine
+from lctrain.kernels.moe.dispatch import combine, expert_counts, local_dispatch_combine
 
 EXPERT_PARAM_ATTR = "_lctrain_expert_parallel"
 
@@ -133,7 +133,7 @@ def dispatch_combine(
     order = torch.argsort(slot_expert, stable=True)
     token_sorted = slot_token[order]
     rows = x[token_sorted]  # [N, D], grouped by global expert
-    counts = torch.bincount(slot_expert, minlength=num_experts)
+    counts = expert_counts(slot_expert, num_experts)
     P = ep.ep_degree
     local = num_experts // P
     counts_recv = torch.empty_like(counts)

@@ -10,6 +10,16 @@ from __future__ import annotations
 import torch
 
 
+def expert_counts(index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 [num_experts]: how many entries of ``index`` (int, any shape, values in ``[0, E)``) name each expert.
+
+    ``torch.bincount(index, minlength=E)`` with a static output shape (bincount's length depends on
+    the values), so routing traces with fake tensors (the memory planner) and under compile.
+    """
+    flat = index.reshape(-1).long()
+    return torch.zeros(num_experts, dtype=torch.int64, device=index.device).index_add_(0, flat, torch.ones_like(flat))
+
+
 def combine(y: torch.Tensor, token_sorted: torch.Tensor, weight_sorted: torch.Tensor, num_tokens: int,
             dtype: torch.dtype) -> torch.Tensor:
     """Sum expert outputs into their tokens.
@@ -46,6 +56,6 @@ def local_dispatch_combine(x: torch.Tensor, slot_token: torch.Tensor, slot_exper
     """
     order = torch.argsort(slot_expert, stable=True)
     token_sorted = slot_token[order]
-    counts = torch.bincount(slot_expert, minlength=num_experts)
+    counts = expert_counts(slot_expert, num_experts)
     y = expert_fn(x[token_sorted], counts)
     return combine(y, token_sorted, slot_weight[order], x.shape[0], x.dtype)

@@ -133,4 +133,7 @@ def build_context_parallel(
 
 def cp_groups_from_mesh(mesh) -> list[list[int]]:
     """The cp groups (global ranks) of a ``("dp", "cp")`` DeviceMesh: one list per dp index."""
-    return [list(map(int, row)) for row in mesh.mesh.reshape(-1, mesh.mesh.shape[-1]).tolist()]
+    rows = mesh.mesh.tolist()  # host lists (no tensor op: also works while fake tensors are traced)
+    while rows and isinstance(rows[0], list) and rows[0] and isinstance(rows[0][0], list):
+        rows = [r for block in rows for r in block]
+    return [list(map(int, row)) for row in rows]
