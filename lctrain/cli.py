@@ -36,7 +36,7 @@ def run_with_exit_codes(run: Callable[[], object]) -> int:
     from lctrain.errors import ConfigError, ErrorOnAnotherRank
 
     try:
-        from lctrain.train.checkpoint import CheckpointSaveError
+        from lctrain.checkpoint import CheckpointSaveError
         from lctrain.train.safety import EXIT_CHECKPOINT_FAILED, EXIT_PREEMPTED, TrainingStopped
         from lctrain.train.trainer import NonFiniteLossError
 

@@ -1,8 +1,9 @@
 """Loading a trained run for evaluation or generation, and the trainer's ``train.eval_tasks`` hook.
 
 A run directory (``train.out_dir`` of a finished or running job) holds ``config.yaml`` (the
-resolved config) and ``checkpoints/step_*`` (:mod:`lctrain.train.checkpoint`). :func:`load_run`
-rebuilds the model from the config, loads the newest complete checkpoint (or a given one) and
+resolved config) and ``checkpoints/step_*``. :func:`load_run` reads them through the checkpoint
+reader (:mod:`lctrain.checkpoint`): it rebuilds the model from the config, verifies the newest
+complete checkpoint (or a given one) against its checksums, loads its weights and
 gets the tokenizer and validation data exactly as the trainer did, through
 :func:`lctrain.data.build_data` with the same data cache (``data.cache_dir``, by default
 ``<run dir>/../.cache/data``, where the trainer put it): the cached tokenizer and token streams
@@ -20,6 +21,13 @@ from typing import Any
 
 import torch
 
+from lctrain.checkpoint import (
+    checkpoint_state,
+    find_latest_checkpoint,
+    load_weights,
+    open_checkpoint,
+    read_run_config,
+)
 from lctrain.errors import ConfigError
 from lctrain.eval.synthetic import is_synthetic
 from lctrain.eval.tasks import EvalContext, get_task, parse_task_spec, resolve_params, run_tasks
@@ -59,29 +67,6 @@ class LoadedRun:
                            val_tokens=self.val_tokens, val_dataset=self.val_dataset, cache_dir=self.cache_dir)
 
 
-def read_run_config(run_dir: str | Path):
-    """The :class:`RunConfig` of ``run_dir/config.yaml`` (merged over the schema defaults, not re-validated).
-
-    Raises:
-        FileNotFoundError: no ``config.yaml`` (not a run directory).
-        ConfigError: the file does not match the schema.
-    """
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from lctrain.config import RunConfig
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.yaml (train one with "
-                                f"launch/train.py train.out_dir={run_dir})")
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
-        return OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{path} does not match this lctrain's config schema: {e}") from e
-
-
 def _device(device: str | None) -> torch.device:
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -102,10 +87,11 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None, device: str | N
     Raises:
         FileNotFoundError: no config, or no checkpoint where one is required.
         ConfigError: bad config or arguments.
+        CheckpointCorruptError: (a ConfigError) a file of the checkpoint is missing, truncated or
+            fails its checksum; the message names it.
     """
     from lctrain.data import build_data
     from lctrain.models import HybridLM
-    from lctrain.train.checkpoint import find_latest_checkpoint, load_checkpoint
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
@@ -128,10 +114,11 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None, device: str | N
         path = Path(checkpoint)
     step = 0
     if path is not None:
+        path = open_checkpoint(path, "checkpoint")  # sizes and checksums, as resume checks them
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            extra = load_checkpoint(path, model, None)
-        step = int(extra.get("train_state", {}).get("step", 0))
+            load_weights(path, model)
+        step = int(checkpoint_state(path).get("train_state", {}).get("step", 0))
     if dtype not in ("fp32", "bf16"):
         raise ConfigError(f"invalid dtype={dtype!r}: allowed values are fp32, bf16")
     model = model.to(device=dev, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32).eval()

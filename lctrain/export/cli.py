@@ -99,12 +99,18 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | None = No
     """Export a run's checkpoint as a Qwen3-Next transformers directory; returns a summary dict.
 
     Raises:
-        ConfigError: bad arguments, no run / checkpoint, or a model Qwen3-Next cannot express
-            (checked before any weight is read).
+        ConfigError: bad arguments, no run / checkpoint, a checkpoint file that is missing, truncated or
+            fails its checksum (named), or a model Qwen3-Next cannot express (checked before any
+            weight is read).
     """
-    from lctrain.eval.run import read_run_config
+    from lctrain.checkpoint import (
+        checkpoint_model_config,
+        load_model_weights,
+        open_checkpoint,
+        read_run_config,
+        resolve_checkpoint,
+    )
     from lctrain.export.qwen3_next import check_exportable, save_pretrained
-    from lctrain.upcycle.checkpoints import checkpoint_model_config, load_model_weights, resolve_checkpoint
 
     if dtype not in DTYPES:
         raise ConfigError(f"invalid dtype={dtype!r}: allowed values are {', '.join(DTYPES)}")
@@ -117,6 +123,7 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | None = No
     m = checkpoint_model_config(ckpt, "checkpoint")
     check_exportable(m)
     tok = run_tokenizer(cfg, run_dir, tokenizer)
+    open_checkpoint(ckpt, "checkpoint")  # sizes and checksums, as resume checks them, before the weights are read
     sd = load_model_weights(ckpt, m)
     ctx = int(max_position_embeddings) if max_position_embeddings else max(cfg.data.seq_len, 4096)
     files = save_pretrained(out, m, sd, dtype=DTYPES[dtype], tokenizer=tok, max_shard_size=max_shard_size,
@@ -128,7 +135,7 @@ def import_hf(path: str | Path, out: str | Path, recipe: str = "qwen3_next", ove
     """Turn a Qwen3-Next directory into an lctrain run at step 0; returns ``(RunConfig, checkpoint path)``.
 
     See the module docstring for what is written. Collective under torchrun (every rank calls it;
-    :func:`lctrain.upcycle.checkpoints.write_init_checkpoint` writes the checkpoint).
+    :func:`lctrain.train.init_checkpoint.write_init_checkpoint` writes the checkpoint).
 
     Raises:
         ConfigError: an inexpressible or inconsistent HF model, bad overrides, or ``out`` already
@@ -137,10 +144,10 @@ def import_hf(path: str | Path, out: str | Path, recipe: str = "qwen3_next", ove
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from lctrain.checkpoint import find_latest_checkpoint
     from lctrain.config import load_config, to_yaml, validate
     from lctrain.export.qwen3_next import load_pretrained
-    from lctrain.train.checkpoint import find_latest_checkpoint
-    from lctrain.upcycle.checkpoints import write_init_checkpoint
+    from lctrain.train.init_checkpoint import write_init_checkpoint
 
     overrides = list(overrides or [])
     out = Path(out)

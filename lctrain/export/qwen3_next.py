@@ -361,7 +361,7 @@ def to_hf_state_dict(m, sd: Mapping[str, torch.Tensor], dtype: torch.dtype | Non
     Args:
         m: the :class:`~lctrain.config.ModelConfig` of ``sd``.
         sd: ``HybridLM(m).state_dict()``-shaped CPU tensors (e.g. from
-            :func:`lctrain.upcycle.checkpoints.load_model_weights`).
+            :func:`lctrain.checkpoint.load_model_weights`).
         dtype: cast the results to it (None keeps fp32); norm shifts are computed in fp32 first.
 
     Returns:

@@ -79,7 +79,7 @@ class DataParallel:
             number of ranks over which replicated gradients are averaged (1 here).
     """
 
-    checkpoint_engine = "dcp"  # how lctrain.train.checkpoint stores model + optimizer (see the module docstring)
+    checkpoint_engine = "dcp"  # how lctrain.checkpoint stores model + optimizer (see the module docstring)
 
     def __init__(self, loss_scale: float = 1.0):
         self.loss_scale = float(loss_scale)

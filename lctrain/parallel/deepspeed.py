@@ -42,11 +42,12 @@ files in ``<step dir>/deepspeed/`` (tag :data:`DS_TAG`) inside lctrain's atomic 
 directory (temporary name, ``COMPLETE`` marker with ``"engine": "deepspeed"``, rename,
 ``keep_last``), next to the sampler, scheduler and per-rank RNG files lctrain writes for every
 backend, so ``train.resume=auto`` continues exactly. A ZeRO checkpoint is partitioned per
-``dp`` rank: it resumes at the same ``dp`` only; :func:`consolidate_checkpoint` (DeepSpeed's
+``dp`` rank: it resumes at the same ``dp`` only;
+:func:`lctrain.checkpoint.consolidate_checkpoint` (DeepSpeed's
 ``get_fp32_state_dict_from_zero_checkpoint``) turns any stage's checkpoint into one plain
-``HybridLM.state_dict()`` for export and upcycling, and
-:func:`lctrain.train.checkpoint.load_checkpoint` does that by itself when a DeepSpeed checkpoint
-is loaded into a plain module without an optimizer (evaluation).
+``HybridLM.state_dict()`` for export and upcycling, and the checkpoint reader
+(:mod:`lctrain.checkpoint`) does that by itself when a DeepSpeed checkpoint is loaded into a
+plain module without an optimizer (evaluation).
 
 Refused at start-up (``lctrain.config.validate``): ``parallel.ep_degree > 1`` (ZeRO would
 treat each rank's expert shard as a replica: use ``parallel.dp_impl=ddp``) and
@@ -67,7 +68,6 @@ import json
 import logging
 import math
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -333,7 +333,7 @@ class DeepSpeedDataParallel(DataParallel):
 
         Raises:
             ConfigError: the checkpoint was written by a different number of ranks (ZeRO
-                partitions are per rank; convert with :func:`consolidate_checkpoint`).
+                partitions are per rank; convert with :func:`lctrain.checkpoint.consolidate_checkpoint`).
             RuntimeError: DeepSpeed found no checkpoint under ``directory/deepspeed``.
         """
         directory = Path(directory)
@@ -343,7 +343,7 @@ class DeepSpeedDataParallel(DataParallel):
             raise ConfigError(
                 f"DeepSpeed checkpoint {directory} was written by {saved_world} ranks but this run has {world}; ZeRO "
                 f"partitions resume at the same data-parallel size only. Launch {saved_world} ranks, or export the "
-                f"weights with lctrain.parallel.deepspeed.consolidate_checkpoint and start a new run from them"
+                f"weights with lctrain.checkpoint.consolidate_checkpoint and start a new run from them"
             )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=UserWarning, module="deepspeed")
@@ -360,96 +360,3 @@ def _saved_world_size(directory: Path) -> int | None:
         return int(json.loads((directory / "COMPLETE").read_text())["world_size"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def consolidate_checkpoint(path: str | os.PathLike, model_cfg=None) -> dict[str, torch.Tensor]:
-    """Plain fp32 weights of a DeepSpeed lctrain checkpoint (any ZeRO stage, any number of ranks).
-
-    DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` merges the per-rank fp32 partitions
-    of ``path/deepspeed/zero``; the result is loaded (strictly) into a fresh
-    ``HybridLM(model_cfg)`` on CPU, so the returned dict is exactly ``HybridLM(model_cfg).state_dict()``
-    (tied weights and buffers included), the form :mod:`lctrain.upcycle` and
-    ``torch.load_state_dict`` expect. Runs in one process, without a process group.
-
-    Args:
-        path: an lctrain checkpoint directory written with ``parallel.dp_impl=deepspeed``.
-        model_cfg: the :class:`~lctrain.config.ModelConfig`; default: the one saved in the
-            checkpoint's ``trainer_state.json``.
-
-    Returns:
-        ``{name: fp32 CPU tensor}`` with ``HybridLM.state_dict()`` keys.
-
-    Raises:
-        ValueError: ``path`` holds no DeepSpeed checkpoint, or no saved config and no ``model_cfg``.
-        RuntimeError: the merged weights do not fit the model (missing / unexpected keys).
-    """
-    path = Path(path)
-    ds_dir = path / DS_SUBDIR
-    if not (ds_dir / DS_TAG).is_dir():
-        raise ValueError(f"{path} holds no DeepSpeed checkpoint ({ds_dir / DS_TAG} is missing)")
-    if model_cfg is None:
-        model_cfg = _saved_model_config(path)
-    import_deepspeed("cuda" if torch.cuda.is_available() else "cpu")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from lctrain.models import HybridLM
-
-    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-        warnings.filterwarnings("ignore")
-        merged = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DS_TAG)
-    model = HybridLM(model_cfg)
-    own = model.state_dict()
-    names_of: dict[int, list[str]] = {}  # tied parameters: every name of one tensor
-    for n, prm in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(prm), []).append(n)
-    value: dict[str, torch.Tensor] = {}
-    missing = []
-    for names in names_of.values():
-        have = [n for n in names if n in merged]
-        if not have:
-            missing += names
-        for n in names:
-            value[n] = merged[have[0]] if have else own[n]
-    unexpected = sorted(set(merged) - set(own))
-    if missing or unexpected:
-        raise RuntimeError(f"DeepSpeed checkpoint {path} does not fit the model: missing {sorted(missing)[:8]}, "
-                           f"unexpected {unexpected[:8]}")
-    # buffers DeepSpeed did not store keep the fresh model's (deterministic) values
-    full = {k: (value[k] if k in value else merged.get(k, own[k])).detach().to(own[k].dtype) for k in own}
-    model.load_state_dict(full, strict=True)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _saved_model_config(path: Path):
-    from omegaconf import OmegaConf
-
-    from lctrain.config import ModelConfig
-
-    try:
-        saved = json.loads((path / "trainer_state.json").read_text())["config"]["model"]
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{path}: no model config saved in trainer_state.json ({e}); pass model_cfg") from e
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), saved))
-
-
-def export_checkpoint(path: str | os.PathLike, out_file: str | os.PathLike, model_cfg=None) -> Path:
-    """Write :func:`consolidate_checkpoint`'s weights to ``out_file``: safetensors for ``.safetensors``, else ``torch.save``.
-
-    Every ``HybridLM.state_dict()`` key is written (tied weights as separate copies), so
-    ``HybridLM(cfg).load_state_dict(loaded, strict=True)`` takes the file as it is. Atomic
-    (temporary file, then rename).
-
-    Returns:
-        ``out_file`` as a :class:`Path`.
-    """
-    from lctrain.data.tokenizer import atomic_write
-
-    state = {k: v.contiguous() for k, v in consolidate_checkpoint(path, model_cfg).items()}
-    out = Path(out_file)
-    if out.suffix == ".safetensors":
-        from safetensors.torch import save
-
-        atomic_write(out, lambda f: f.write(save(state)))
-    else:
-        atomic_write(out, lambda f: torch.save(state, f))
-    return out

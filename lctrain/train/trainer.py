@@ -31,6 +31,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lctrain.checkpoint import (
+    checkpoint_state,
+    find_latest_checkpoint,
+    find_resumable_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from lctrain.config import (
     ConfigError,
     RunConfig,
@@ -50,14 +58,6 @@ from lctrain.models import HybridLM
 from lctrain.parallel import parallelize
 from lctrain.parallel.context import shard_batch
 from lctrain.parallel.mesh import DistEnv, barrier, init_distributed, resolve_dims
-from lctrain.train.checkpoint import (
-    TRAINER_STATE,
-    find_latest_checkpoint,
-    find_resumable_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    verify_checkpoint,
-)
 from lctrain.train.console import open_sinks, startup_report
 from lctrain.train.host_memory import peak_rss_mib, release_free_heap, set_malloc_mmap_threshold
 from lctrain.train.metrics import (
@@ -154,7 +154,7 @@ class Trainer:
     Raises:
         ConfigError: the mesh does not match the world size, or the layout is impossible; another
             job holds ``train.out_dir`` (:class:`~lctrain.train.safety.LockHeldError`); the checkpoint
-            to resume fails verification (:class:`~lctrain.train.checkpoint.CheckpointCorruptError`)
+            to resume fails verification (:class:`~lctrain.checkpoint.CheckpointCorruptError`)
             or was trained on other data; :class:`~lctrain.errors.DataError` (a ConfigError): a
             data file cannot be used, or the corpus is smaller than one global batch. A check that
             runs on rank 0 only reaches every rank (:mod:`lctrain.train.startup`).
@@ -318,7 +318,7 @@ class Trainer:
             verify_checkpoint(path, checksum=t.checkpoint_checksum)  # CheckpointCorruptError names the file
         if path is None:
             return
-        self._check_data_identity(path, json.loads((path / TRAINER_STATE).read_text()).get("data"))
+        self._check_data_identity(path, checkpoint_state(path).get("data"))
         extra = load_checkpoint(path, self.model, self.optimizer, dp=self.dp)
         self.scheduler.load_state_dict(extra["scheduler"])
         saved_sampler = extra["sampler"]

@@ -13,7 +13,7 @@ Run directories under ``R = train.out_dir``::
 Every training run is an ordinary :class:`~lctrain.train.trainer.Trainer` run with
 ``train.resume=auto`` in its own directory, so each stage resumes after an interruption and works
 under torchrun. A branch and an upcycled model start from a step-0 checkpoint written by
-:func:`lctrain.upcycle.checkpoints.write_init_checkpoint`; each such directory also gets a
+:func:`lctrain.train.init_checkpoint.write_init_checkpoint`; each such directory also gets a
 ``recipe.yaml`` with which ``launch/train.py recipe=<dir>/recipe.yaml`` continues the run.
 
 Data: the parent and the upcycled models train on ``filter_1 | filter_2 | ...``; ``build_data``
@@ -222,12 +222,13 @@ def make_plan(cfg) -> Plan:
     """Check the BAM config and derive every stage's RunConfig; raises ConfigError before any training.
 
     Checks: the ``upcycle`` section; ``train.resume`` and ``data.filter`` left to the pipeline;
-    ``data.val_fraction > 0``; a given parent / branch checkpoint exists and is complete; given
-    checkpoints are dense seeds of one architecture; every branch filter selects documents and the
+    ``data.val_fraction > 0``; a given parent / branch checkpoint exists, is complete and passes
+    its checksums (:func:`lctrain.checkpoint.open_checkpoint`); given checkpoints are dense seeds
+    of one architecture; every branch filter selects documents and the
     domains are disjoint; every derived run config validates (e.g. ``parallel.ep_degree`` must
     divide the number of branches).
     """
-    from lctrain.upcycle.checkpoints import checkpoint_model_config, resolve_checkpoint
+    from lctrain.checkpoint import checkpoint_model_config, open_checkpoint, resolve_checkpoint
     from lctrain.upcycle.mix import check_dense_seed, upcycled_model_config
 
     u = cfg.upcycle
@@ -262,6 +263,12 @@ def make_plan(cfg) -> Plan:
             check_dense_seed(seed_cfg, f"seed '{b.name}' ({path})")
             _compare_arch(dense, seed_cfg, f"seed '{b.name}' ({path})", dense_what)
             branch_given[b.name] = path
+    # the given checkpoints' files (sizes, checksums), once their configs passed the cheaper checks above
+    if parent_given is not None:
+        open_checkpoint(parent_given, "upcycle.parent")
+    for i, b in enumerate(u.branches):
+        if b.name in branch_given:
+            open_checkpoint(branch_given[b.name], f"upcycle.branches.{i}.checkpoint ({b.name})")
 
     union = "|".join(b.filter for b in u.branches)
     _rank0_first(lambda: _check_filters(cfg, union))
@@ -282,13 +289,11 @@ def make_plan(cfg) -> Plan:
 
 
 def _saved_data_cfg(path: Path):
-    from omegaconf import OmegaConf
-
+    from lctrain.checkpoint import checkpoint_state, saved_config
     from lctrain.config import DataConfig
-    from lctrain.upcycle.checkpoints import checkpoint_state
 
     saved = checkpoint_state(path).get("config", {}).get("data", {})
-    data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), saved))
+    data = saved_config(DataConfig, saved, f"the data config saved in {path}")
     if not data.cache_dir:  # the trainer's default: <out_dir>/../.cache/data, out_dir = <ckpt>/../..
         data.cache_dir = str(path.parent.parent.parent / ".cache" / "data")
     return data
@@ -346,8 +351,7 @@ def _write_recipe(c) -> None:
 
 
 def _finished_checkpoint(run_dir: Path, steps: int, what: str, hint: str) -> Path:
-    from lctrain.train.checkpoint import find_latest_checkpoint
-    from lctrain.upcycle.checkpoints import checkpoint_state
+    from lctrain.checkpoint import checkpoint_state, find_latest_checkpoint
 
     ckpt = find_latest_checkpoint(run_dir / "checkpoints")
     if ckpt is None:
@@ -381,9 +385,9 @@ def seed_checkpoints(plan: Plan) -> dict[str, Path]:
 
 def run_branch_stage(plan: Plan) -> None:
     """Train the parent (unless given), then each branch from the parent's weights."""
-    from lctrain.train.checkpoint import find_latest_checkpoint
+    from lctrain.checkpoint import find_latest_checkpoint, load_model_weights
+    from lctrain.train.init_checkpoint import write_init_checkpoint
     from lctrain.train.trainer import train
-    from lctrain.upcycle.checkpoints import load_model_weights, write_init_checkpoint
 
     if plan.parent_cfg is not None:
         _log(f"parent: {plan.cfg.upcycle.parent_steps} steps on '{plan.union_filter}' -> {plan.parent_dir}")
@@ -403,8 +407,8 @@ def run_branch_stage(plan: Plan) -> None:
 
 def run_mix_stage(plan: Plan) -> None:
     """Write each variant's upcycled step-0 checkpoint (and its per-domain losses before training)."""
-    from lctrain.train.checkpoint import find_latest_checkpoint
-    from lctrain.upcycle.checkpoints import checkpoint_model_config, load_model_weights, write_init_checkpoint
+    from lctrain.checkpoint import checkpoint_model_config, find_latest_checkpoint, load_model_weights
+    from lctrain.train.init_checkpoint import write_init_checkpoint
     from lctrain.upcycle.mix import mix_state_dicts
 
     u = plan.cfg.upcycle
@@ -436,7 +440,7 @@ def run_mix_stage(plan: Plan) -> None:
 
 def run_train_stage(plan: Plan) -> None:
     """Train every upcycled model from its step-0 checkpoint (``upcycle.moe_steps`` each)."""
-    from lctrain.train.checkpoint import find_latest_checkpoint
+    from lctrain.checkpoint import find_latest_checkpoint
     from lctrain.train.trainer import train
 
     for v, c in plan.moe_cfgs.items():
@@ -508,8 +512,8 @@ def evaluate_state_dict(model_cfg, state_dict, val_sets: dict, cfg) -> dict[str,
 
 
 def _run_record(ckpt: Path, model_cfg, cfg) -> dict:
+    from lctrain.checkpoint import checkpoint_state
     from lctrain.models import HybridLM
-    from lctrain.upcycle.checkpoints import checkpoint_state
 
     s = checkpoint_state(ckpt)["train_state"]
     with torch.device("meta"):
@@ -521,7 +525,7 @@ def _run_record(ckpt: Path, model_cfg, cfg) -> dict:
 
 def evaluate_all(plan: Plan) -> dict:
     """Evaluate the parent, the seeds and the trained upcycled models on every domain; write the summary."""
-    from lctrain.upcycle.checkpoints import load_model_weights
+    from lctrain.checkpoint import load_model_weights
 
     u = plan.cfg.upcycle
     val_sets = domain_val_sets(plan)

@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lctrain.config import OptimConfig
-from lctrain.train.checkpoint import load_checkpoint, save_checkpoint
+from lctrain.checkpoint import load_checkpoint, save_checkpoint
 from lctrain.train.optim import build_optimizer
 
 pytestmark = pytest.mark.distributed

@@ -186,9 +186,8 @@ def test_zero2_resume_equals_uninterrupted(runs):
 
 def test_consolidated_zero3_checkpoint_is_the_trained_model(runs, small_corpus, tmp_path):
     """ZeRO-3 shards -> one plain state dict: same weights as DDP's, same validation loss; export round trip."""
+    from lctrain.checkpoint import consolidate_checkpoint, export_checkpoint, load_checkpoint
     from lctrain.models import HybridLM
-    from lctrain.parallel.deepspeed import consolidate_checkpoint, export_checkpoint
-    from lctrain.train.checkpoint import load_checkpoint
     from lctrain.train.trainer import Trainer
 
     root, cache, s = runs
@@ -258,10 +257,9 @@ def test_zero3_checkpoint_exports_to_hugging_face(runs, tmp_path):
     """The ZeRO-3 run exports (consolidated) to a Qwen3-Next directory whose logits are the trained model's."""
     from transformers import Qwen3NextForCausalLM
 
-    from lctrain.eval.run import read_run_config
+    from lctrain.checkpoint import consolidate_checkpoint, read_run_config
     from lctrain.export.cli import export_run
     from lctrain.models import HybridLM
-    from lctrain.parallel.deepspeed import consolidate_checkpoint
 
     root, _, _ = runs
     z3 = root / "qwen3_zero3" / "checkpoints" / "step_00000005"

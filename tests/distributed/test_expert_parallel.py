@@ -32,7 +32,7 @@ from lctrain.parallel.expert import (
     reduce_expert_grads,
     shard_experts,
 )
-from lctrain.train.checkpoint import load_checkpoint, save_checkpoint
+from lctrain.checkpoint import load_checkpoint, save_checkpoint
 from lctrain.train.optim import build_optimizer
 from tests.conftest import fit_worker, free_port, tiny_overrides
 

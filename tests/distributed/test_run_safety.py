@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from lctrain.config import load_config
-from lctrain.train.checkpoint import find_latest_checkpoint, list_checkpoints
+from lctrain.checkpoint import find_latest_checkpoint, list_checkpoints
 from lctrain.train.safety import EXIT_PREEMPTED, LOCK_FILE
 from lctrain.train.trainer import train
 from tests.conftest import REPO, free_port, tiny_overrides

@@ -17,7 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 from lctrain.config import load_config
-from lctrain.train.checkpoint import find_latest_checkpoint
+from lctrain.checkpoint import find_latest_checkpoint
 from lctrain.train.trainer import NonFiniteLossError, Trainer, train
 from tests.conftest import REPO, fit_worker, free_port, tiny_overrides
 

@@ -108,7 +108,7 @@ def test_summary_has_every_model_domain_and_budget(one_process):
 def test_upcycled_checkpoint_trains_and_resumes_in_the_ordinary_trainer(one_process, tmp_path):
     from lctrain.parallel.data_parallel import unwrap
     from lctrain.train.trainer import Trainer, train
-    from lctrain.upcycle.checkpoints import load_model_weights
+    from lctrain.checkpoint import load_model_weights
 
     root, _ = one_process
     run = root / "moe_bam_full"

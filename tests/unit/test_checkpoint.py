@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-import lctrain.train.checkpoint as ckpt
+import lctrain.checkpoint.store as ckpt
+from lctrain.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from lctrain.config import OptimConfig
-from lctrain.train.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from lctrain.train.optim import build_optimizer
 from lctrain.train.schedule import build_scheduler
 

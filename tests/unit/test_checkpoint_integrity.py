@@ -14,17 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import lctrain.train.checkpoint as ckpt
-from lctrain.config import load_config
-from lctrain.data import train_tokenizer
-from lctrain.errors import ConfigError
-from lctrain.train.checkpoint import (
+import lctrain.checkpoint.store as ckpt
+from lctrain.checkpoint import (
     CheckpointCorruptError,
     CheckpointSaveError,
     find_latest_checkpoint,
     list_checkpoints,
     verify_checkpoint,
 )
+from lctrain.config import load_config
+from lctrain.data import train_tokenizer
+from lctrain.errors import ConfigError
 from lctrain.train.safety import LOCK_FILE, LockHeldError, RunLock
 from lctrain.train.trainer import Trainer, train
 from tests.conftest import tiny_overrides

@@ -285,10 +285,11 @@ def test_tokenizer_loads_with_autotokenizer_and_encodes_like_lctrain(sp_model, t
 
 # ------------------------------------------------------------------------------------ launchers
 def test_launchers_export_a_run_and_import_it_into_one_the_trainer_resumes(sp_model, tmp_path, small_corpus):
+    from lctrain.checkpoint import load_model_weights, resolve_checkpoint
     from lctrain.export.cli import export_main, import_main
     from lctrain.parallel.data_parallel import unwrap
+    from lctrain.train.init_checkpoint import write_init_checkpoint
     from lctrain.train.trainer import Trainer
-    from lctrain.upcycle.checkpoints import load_model_weights, resolve_checkpoint, write_init_checkpoint
 
     sp_path, _ = sp_model
     cache = tmp_path / "cache"
@@ -337,9 +338,9 @@ def test_launchers_export_a_run_and_import_it_into_one_the_trainer_resumes(sp_mo
 
 
 def test_export_launcher_refuses_before_reading_weights(tmp_path, capsys):
+    from lctrain.checkpoint import COMPLETE_MARKER, TRAINER_STATE
     from lctrain.config import RunConfig, to_yaml
     from lctrain.export.cli import export_main
-    from lctrain.train.checkpoint import COMPLETE_MARKER, TRAINER_STATE
 
     cfg = RunConfig()
     cfg.model.layer_pattern = "GGGL"

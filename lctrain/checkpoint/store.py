@@ -9,7 +9,8 @@ Layout of one checkpoint ``<ckpt_root>/step_00000100/``::
 
 ``engine`` is ``dcp`` (the files above) unless the data-parallel backend writes model and
 optimizer itself (``dp.checkpoint_engine``): DeepSpeed ZeRO puts its own checkpoint in a
-``deepspeed/`` subdirectory instead of the DCP files (:mod:`lctrain.parallel.deepspeed`); RNG,
+``deepspeed/`` subdirectory instead of the DCP files (:mod:`lctrain.parallel.deepspeed`,
+consolidated to plain weights by :mod:`lctrain.checkpoint.consolidate`); RNG,
 trainer state, the marker, the temporary directory and the rename are the same for both.
 
 Integrity (format 2): ``COMPLETE["files"]`` maps every other file's path (relative, ``/``) to
@@ -43,6 +44,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 import warnings
 import zlib
@@ -370,17 +372,37 @@ def find_latest_checkpoint(ckpt_root: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
+def _remove(path: Path, why: str) -> None:
+    """Delete a directory; a failure is reported (a warning naming the path and the error), not raised."""
+    errors: list[str] = []
+
+    def record(_fn, where, exc) -> None:  # exc: the exception (onexc), or sys.exc_info() (onerror)
+        errors.append(f"{where}: {exc[1] if isinstance(exc, tuple) else exc}")
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=record)
+    else:
+        shutil.rmtree(path, onerror=record)
+    if errors:
+        warnings.warn(f"could not remove {why} {path} ({len(errors)} error(s), first: {errors[0]}); "
+                      f"it takes disk space until removed by hand", stacklevel=3)
+
+
 def _prune(root: Path, keep_last: int, current: Path) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints under ``root`` and interrupted saves.
+
+    The checkpoint just written (``current``) is never removed, even if a stale run left
+    higher-numbered ones behind. A directory that cannot be removed is reported with a warning
+    naming it; the save still succeeds.
+    """
     complete = [p for _, p in list_checkpoints(root)]
-    # Order is by step; the checkpoint just written is never removed even if a stale run left
-    # higher-numbered ones behind.
     for path in complete[: max(0, len(complete) - keep_last)]:
         if path != current:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path, f"the old checkpoint (train.keep_last={keep_last})")
     for child in root.iterdir():
         stem, _, suffix = child.name.rpartition(".")
         if suffix in ("tmp", "old") and _STEP_DIR.match(stem) and child.is_dir():
-            shutil.rmtree(child, ignore_errors=True)
+            _remove(child, "the leftover of an interrupted save")
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -509,8 +531,8 @@ def save_checkpoint(
     return final
 
 
-def _marker_engine(path: Path) -> str:
-    """``engine`` of a checkpoint's ``COMPLETE`` marker (``dcp`` when absent, unreadable, or an older format)."""
+def marker_engine(path: Path) -> str:
+    """The ``engine`` of a checkpoint's ``COMPLETE`` marker (``dcp`` when absent, unreadable, or an older format)."""
     try:
         return str(json.loads((path / COMPLETE_MARKER).read_text()).get("engine", "dcp"))
     except (OSError, ValueError, AttributeError):
@@ -522,7 +544,7 @@ def _check_checkpoint_dir(path: Path) -> dict:
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     if not path.is_dir():
         raise ValueError(f"{path} is not a checkpoint: it is a file, expected a step_XXXXXXXX directory")
-    engine = _marker_engine(path)
+    engine = marker_engine(path)
     required = (COMPLETE_MARKER, DCP_METADATA, TRAINER_STATE) if engine == "dcp" else (COMPLETE_MARKER, TRAINER_STATE)
     missing = [n for n in required if not (path / n).is_file()]
     if engine != "dcp" and not (path / engine).is_dir():
@@ -600,7 +622,7 @@ def load_checkpoint(
             f"checkpoint {path} was written by the {engine!r} checkpoint engine (parallel.dp_impl="
             f"{'deepspeed' if engine == 'deepspeed' else 'ddp or fsdp'}) but this run uses {mine!r}; resume it with "
             f"the same parallel.dp_impl, or convert a DeepSpeed checkpoint to plain weights with "
-            f"lctrain.parallel.deepspeed.consolidate_checkpoint (weights only, no optimizer state)"
+            f"lctrain.checkpoint.consolidate_checkpoint (weights only, no optimizer state)"
         )
     if optimizer is not None:
         # get_state_dict only materialises the (lazy) AdamW state of a fresh optimizer when no
@@ -614,7 +636,7 @@ def load_checkpoint(
     elif engine == mine:
         dp.load_engine_state(path)
     else:  # a DeepSpeed checkpoint into a plain module (weights only): consolidated from the ZeRO shards
-        from lctrain.parallel.deepspeed import consolidate_checkpoint
+        from lctrain.checkpoint.consolidate import consolidate_checkpoint  # imports deepspeed (optional)
 
         target = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         target.load_state_dict(consolidate_checkpoint(path), strict=True)
