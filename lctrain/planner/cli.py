@@ -72,11 +72,12 @@ def _fits(est, capacity: float) -> bool:
     return est.predicted_peak_mib <= capacity
 
 
-def longest_seq_len(cfg, gpus: int, capacity: float, target: str = "cuda", log=print) -> list[dict]:
+def longest_seq_len(cfg, gpus: int, capacity: float, target: str = "cuda", log=print,
+                    impls: tuple[str, ...] = ("ring", "ulysses")) -> list[dict]:
     """The longest ``seq_len`` per candidate layout (see the module docstring), best first."""
     from lctrain.planner.memory import estimate
 
-    impls = ["ring", "ulysses"] if gpus > 1 else ["ring"]
+    impls = list(impls) if gpus > 1 else ["ring"]
     out = []
     for impl in impls:
         cp = gpus
@@ -90,17 +91,38 @@ def longest_seq_len(cfg, gpus: int, capacity: float, target: str = "cuda", log=p
         pts = [(c.data.seq_len, estimate(c, gpus, target=target).predicted_peak_mib) for c in probes]
         (t1, m1), (t2, m2) = pts
         slope = (m2 - m1) / (t2 - t1)
-        best = None
-        guess = int((capacity - m1) / slope + t1) if slope > 0 else t2
-        k = max(1, guess // unit)
-        while k >= 1:
-            c = _layout_cfg(cfg, seq_len=unit * k, cp=cp, cp_impl=impl, ac=True, loss_chunk=LOSS_CHUNK,
-                            dp_impl="fsdp" if gpus > 1 else "ddp")
-            est = estimate(c, gpus, target=target)
-            if _fits(est, capacity):
-                best = (c, est)
-                break
-            k = min(k - 1, int(k * 0.95))
+        traced: dict[int, tuple] = {}
+
+        def at(k, impl=impl, cp=cp, unit=unit):
+            if k not in traced:
+                c = _layout_cfg(cfg, seq_len=unit * k, cp=cp, cp_impl=impl, ac=True, loss_chunk=LOSS_CHUNK,
+                                dp_impl="fsdp" if gpus > 1 else "ddp")
+                traced[k] = (c, estimate(c, gpus, target=target))
+            return traced[k]
+
+        # bracket the answer: start at the line's solution, then halve the gap between the longest
+        # length that fits and the shortest that does not (to 1/8 of the answer)
+        guess = max(1, int(((capacity - m1) / slope + t1) // unit)) if slope > 0 else 16
+        lo, hi = 0, None
+        k = guess
+        while True:
+            if _fits(at(k)[1], capacity):
+                lo = k
+                if hi is not None or k >= 4096:  # 4096 units: millions of tokens per rank, past any GPU here
+                    break
+                k *= 2
+            else:
+                hi = k
+                if k == 1 or lo:
+                    break
+                k //= 2
+        while lo and hi and hi - lo > max(1, lo // 8):
+            mid = (lo + hi) // 2
+            if _fits(at(mid)[1], capacity):
+                lo = mid
+            else:
+                hi = mid
+        best = at(lo) if lo else None
         if best is None:
             log(f"  cp_degree={cp} {impl}: nothing fits (even {unit} tokens)")
             continue

@@ -9,7 +9,9 @@ gradients, optimizer states, activations or temporaries. With ``fake=True`` the 
 (``FakeTensorMode``: shapes and dtypes, no storage) on a fake process group, so a 1.3B model at a
 million tokens traces on a CPU machine in seconds; the Triton kernels of the CUDA plan are
 ``torch.library`` custom ops with fake implementations, so the trace takes the composition a GPU
-run takes (flash varlen attention, ring blocks, chunked Gated DeltaNet). With ``fake=False`` the
+run takes (flash varlen attention, ring blocks, chunked Gated DeltaNet). The traced step is a
+steady-state one: the optimizer states exist before it starts (created by an untracked step on
+zero gradients), as at every step of a run but the first. With ``fake=False`` the
 same step runs on real CPU tensors: that is the measurement the prediction is checked against.
 
 This is the approach of torchtitan's memory estimator (a training step under ``FakeTensorMode``
@@ -201,6 +203,14 @@ def trace_step(cfg: RunConfig, world_size: int = 1, *, target: str = "cuda", fak
                  "position_ids": position_ids_from_cu_seqlens(cu, L)}
         if par.cp is not None:
             batch = shard_batch(batch, par.cp.degree, par.cp.rank)
+        # steady state: a run's second and later steps hold the optimizer states through forward and
+        # backward, so they are created first (an untracked step on zero gradients), as they exist
+        # at every step but the first
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         mt = _tracker()
         mt.track_external(model, optimizer)
         blocks = list(getattr(getattr(model, "module", model), "layers", []))
