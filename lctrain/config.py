@@ -23,6 +23,7 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lctrain.data.sources import check_data_path
 from lctrain.errors import ConfigError
 from lctrain.kernels.plan import resolve_kernel_plan
 from lctrain.layers.attention import AttentionConfig
@@ -488,21 +489,6 @@ def _check_kernel_limits(m: ModelConfig) -> None:
     check_mixers_kernel_limits(m, plan.choice)
 
 
-def _check_data_path(path: str) -> None:
-    """``data.path`` must name a built-in corpus, an existing local file/directory, ``hf:NAME`` or ``megatron:...``."""
-    from lctrain.data.corpus import resolve_path
-
-    if path.startswith("megatron:"):  # Megatron indexed datasets: prefixes (and blend weights) checked on disk
-        from lctrain.data.megatron import parse_megatron_path
-
-        parse_megatron_path(path)  # raises ConfigError naming the missing .idx / .bin
-        return
-    try:
-        resolve_path(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(str(e)) from e
-
-
 def validate(cfg: RunConfig) -> None:
     """Check values types cannot express; raise :class:`ConfigError` naming the key and allowed values.
 
@@ -566,7 +552,7 @@ def validate(cfg: RunConfig) -> None:
     _require(t.resume in ("auto", "none") or Path(t.resume).is_dir(), "train.resume", t.resume,
              "allowed values are auto (the newest complete checkpoint of train.out_dir, if any), none, or the path "
              "of an existing checkpoint directory (e.g. runs/x/checkpoints/step_00000100)")
-    _check_data_path(d.path)
+    check_data_path(d.path)  # by its source in lctrain.data.sources.SOURCES, the table build_data reads
     if t.wandb:
         from lctrain.train.wandb_logger import check_wandb_installed
 

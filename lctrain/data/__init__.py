@@ -11,7 +11,10 @@ Modules: :mod:`~lctrain.data.corpus` (loading, split), :mod:`~lctrain.data.token
 (SentencePiece BPE), :mod:`~lctrain.data.packing` (EOS-joined stream, windows, ``cu_seqlens``),
 :mod:`~lctrain.data.sampler` (deterministic data-parallel global batches),
 :mod:`~lctrain.data.megatron` (``data.path=megatron:PREFIX``: Megatron ``.bin``/``.idx`` files,
-memory-mapped, the same windows without re-tokenising; blends with weights).
+memory-mapped, the same windows without re-tokenising; blends with weights),
+:mod:`~lctrain.data.synthetic` (``data.path=synthetic:mqar?...``: generated MQAR examples).
+:mod:`~lctrain.data.sources` holds the one table of ``data.path`` schemes that building, path
+resolution and config validation all read.
 """
 
 from __future__ import annotations
@@ -36,10 +39,13 @@ from lctrain.data.packing import (
     stream_dtype,
 )
 from lctrain.data.sampler import DistributedBatchSampler
+from lctrain.data.sources import SOURCES, DataSource, resolve_path, source_for
 from lctrain.data.tokenizer import Tokenizer, atomic_write, check_vocab, load_tokenizer, train_tokenizer
 
 __all__ = [
     "IGNORE_INDEX",
+    "SOURCES",
+    "DataSource",
     "DistributedBatchSampler",
     "PackedDataset",
     "Tokenizer",
@@ -51,6 +57,8 @@ __all__ = [
     "load_documents",
     "load_tokenizer",
     "next_micro_batches",
+    "resolve_path",
+    "source_for",
     "split_documents",
     "train_tokenizer",
 ]
@@ -129,14 +137,9 @@ def _build_data(data_cfg: Any, seq_len: int, vocab_size: int, cache_dir: str | P
                 ) -> tuple[Tokenizer, PackedDataset, PackedDataset]:
     """:func:`build_data` without its translation of OS errors."""
     t0 = time.perf_counter()
-    if str(data_cfg.path).startswith("synthetic:"):  # generated examples (lctrain.eval.synthetic), no corpus
-        from lctrain.eval.synthetic import build_synthetic_data
-
-        return build_synthetic_data(data_cfg.path, seq_len, vocab_size, seed=getattr(data_cfg, "seed", 0))
-    if str(data_cfg.path).startswith("megatron:"):  # Megatron .bin/.idx, memory-mapped (lctrain.data.megatron)
-        from lctrain.data.megatron import build_megatron_data
-
-        return build_megatron_data(data_cfg, seq_len, vocab_size, rank=rank)
+    source = source_for(str(data_cfg.path))
+    if source.build is not None:  # generated (synthetic:) or already tokenized (megatron:) data: no corpus
+        return source.build(data_cfg, seq_len, vocab_size, cache_dir, rank)
     cache = Path(cache_dir or getattr(data_cfg, "cache_dir", "") or default_cache_dir())
     doc_filter = str(getattr(data_cfg, "filter", "") or "")
     manifest = _prepared_manifest_path(data_cfg, vocab_size, cache)
@@ -198,7 +201,7 @@ def _prepared_manifest_path(data_cfg: Any, vocab_size: int, cache: Path) -> Path
     """``cache/prepared_<key>.json`` for a local corpus: the key hashes every corpus file's path, size
     and modification time and the settings that decide the tokenizer and token streams (None for
     hub datasets, whose content is not a file here)."""
-    from lctrain.data.corpus import _files_in, resolve_path
+    from lctrain.data.corpus import _files_in
 
     try:
         resolved = resolve_path(str(data_cfg.path))

@@ -11,6 +11,9 @@ A corpus is a list of documents (strings). ``data.path`` may name:
   in sorted path order;
 - ``hf:<owner/name>`` or ``hf:<owner/name>:<config>``: a Hugging Face hub dataset (needs network).
 
+These are the document sources of the table in :mod:`lctrain.data.sources` (which also holds the
+generated ``synthetic:`` and the tokenized ``megatron:`` sources).
+
 Documents keep the order of the files and of the rows inside them, so the corpus (and every
 fingerprint derived from it) is deterministic.
 
@@ -60,10 +63,8 @@ _BUILDERS: dict[str, str] = {
     ".parquet": "parquet",
 }
 
-_ALLOWED_FORMS = (
-    f"a built-in corpus name ({', '.join(BUILTIN_CORPORA)}), a local file "
-    f"({', '.join(sorted(_BUILDERS, key=len))}), a directory of such files, or hf:<owner/name>"
-)
+FILE_KINDS: tuple[str, ...] = tuple(sorted(_BUILDERS, key=len))  # the file endings a local corpus may have
+HUB_PREFIX = "hf:"  # data.path=hf:<owner/name>[:<config>] (the hf entry of lctrain.data.sources.SOURCES)
 
 
 log = logging.getLogger(__name__)
@@ -317,21 +318,15 @@ def _load_hub(name: str, text_key: str, split: str, cache_dir: Path, select: _Ro
     return _column(ds[split] if select is None else select(ds[split], source), text_key, source)
 
 
-def resolve_path(path: str) -> Path | str:
-    """Resolve ``data.path`` to a local :class:`Path` (built-in names included) or keep ``hf:...``.
+def resolve_local(path: str) -> Path:
+    """A built-in corpus name or a local file / directory as a :class:`Path` (the ``files`` data source).
 
     Raises:
-        DataFileNotFoundError: ``path`` is neither a built-in name, an existing file/directory nor
-            ``hf:...``; the message names the path and the allowed forms (a ``FileNotFoundError``).
+        DataFileNotFoundError: ``path`` is neither a built-in name nor an existing file or
+            directory (a ``FileNotFoundError``); :func:`lctrain.data.sources.resolve_path` adds
+            the allowed forms to the message.
         DataError: an existing file whose extension no builder reads.
     """
-    if path.startswith("hf:"):
-        return path
-    if path.startswith("synthetic:"):  # generated token data, read by build_data (lctrain.eval.synthetic)
-        from lctrain.eval.synthetic import parse_synthetic
-
-        parse_synthetic(path)  # raises ConfigError (a ValueError) naming the bad key
-        return path
     if path in BUILTIN_CORPORA:
         builtin = BUILTIN_CORPORA[path]
         if not builtin.exists():
@@ -339,9 +334,9 @@ def resolve_path(path: str) -> Path | str:
         return builtin
     p = Path(path).expanduser()
     if not p.exists():
-        raise DataFileNotFoundError(f"data.path '{path}' does not exist; data.path must be {_ALLOWED_FORMS}")
+        raise DataFileNotFoundError(f"data.path '{path}' does not exist")
     if p.is_file() and _builder_for(p) is None:
-        raise DataError(f"data.path '{path}' has an unsupported extension; data.path must be {_ALLOWED_FORMS}")
+        raise DataError(f"data.path '{path}' has an unsupported extension")
     return p
 
 
@@ -358,7 +353,8 @@ def load_documents(
 
     Args:
         path: ``pd_english``, a local file or directory, or ``hf:<owner/name>[:<config>]``
-            (see the module docstring for the accepted file kinds).
+            (see the module docstring for the accepted file kinds; :mod:`lctrain.data.sources`
+            for every ``data.path`` form).
         text_key: field / column holding the document text (JSON and parquet). ``.txt`` files
             always give their whole content as the document, whatever ``text_key`` says.
         split: dataset split; local files and built-in corpora only have ``train`` (the
@@ -392,11 +388,15 @@ def load_documents(
     select = _RowFilter(parse_filter(doc_filter), filter_alternative) if doc_filter.strip() else None
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     hf_cache = cache / "hf_datasets"
+    # here, not at the top: the table of sources names this module's readers (a cycle)
+    from lctrain.data.sources import resolve_path, source_for
+
+    source = source_for(path)
+    if not source.documents:
+        raise ValueError(f"'{path}' is a {source.name} data source, not documents: lctrain.data.build_data reads it")
     resolved = resolve_path(path)
-    if isinstance(resolved, str) and resolved.startswith("synthetic:"):
-        raise ValueError(f"'{path}' is generated token data, not documents: lctrain.data.build_data reads it")
     if isinstance(resolved, str):
-        docs = _load_hub(resolved[len("hf:"):], text_key, split, hf_cache, select)
+        docs = _load_hub(resolved[len(HUB_PREFIX):], text_key, split, hf_cache, select)
     else:
         if split != "train":
             raise ConfigError(

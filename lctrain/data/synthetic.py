@@ -1,5 +1,8 @@
 """Synthetic token-level data: MQAR examples, the ``synthetic:`` data source and its stand-in tokenizer.
 
+The generators serve training (the ``synthetic:`` entry of :data:`lctrain.data.sources.SOURCES`)
+and evaluation (the ``mqar`` task of :mod:`lctrain.eval.tasks` imports them from here).
+
 MQAR, multi-query associative recall (Arora et al. 2023, "Zoology: Measuring and Improving
 Recall in Efficient Language Models", Sec. 3), in the layout of the paper's generator:
 
@@ -44,9 +47,8 @@ from urllib.parse import parse_qsl
 import numpy as np
 import torch
 
+from lctrain.data.packing import IGNORE_INDEX
 from lctrain.errors import ConfigError
-
-IGNORE_INDEX = -100  # same value as lctrain.data.IGNORE_INDEX (not imported: lctrain.data imports this module)
 
 PREFIX = "synthetic:"
 TASKS = ("mqar",)

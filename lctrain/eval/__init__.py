@@ -1,7 +1,8 @@
 """Long-context evaluation: perplexity, MQAR, passkey and RULER-style needle-in-a-haystack tasks.
 
 * :mod:`lctrain.eval.tasks`: the task registry (:data:`TASKS`), :class:`EvalContext`, :func:`run_tasks`.
-* :mod:`lctrain.eval.synthetic`: MQAR generation and the ``data.path=synthetic:mqar?...`` data source.
+* MQAR generation and the ``data.path=synthetic:mqar?...`` data source live in
+  :mod:`lctrain.data.synthetic` (evaluation imports data, never the reverse).
 * :mod:`lctrain.eval.haystack`: passkey and needle-in-a-haystack prompts (offline templates).
 * :mod:`lctrain.eval.scoring`: teacher-forced and greedy-generation scorers.
 * :mod:`lctrain.eval.run`: :func:`load_run` (model, checkpoint, tokenizer of a run directory) and

@@ -145,8 +145,8 @@ def generate_main(argv: list[str]) -> int:
         return 0
     import torch
 
+    from lctrain.data.synthetic import SyntheticTokenizer, coerce
     from lctrain.eval.run import load_run
-    from lctrain.eval.synthetic import SyntheticTokenizer, coerce
     from lctrain.generate import generate
 
     defaults = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 0, "top_p": 0.95, "num_samples": 1, "seed": 0,

@@ -28,8 +28,8 @@ from lctrain.checkpoint import (
     open_checkpoint,
     read_run_config,
 )
+from lctrain.data.synthetic import is_synthetic
 from lctrain.errors import ConfigError
-from lctrain.eval.synthetic import is_synthetic
 from lctrain.eval.tasks import EvalContext, get_task, parse_task_spec, resolve_params, run_tasks
 
 log = logging.getLogger(__name__)

@@ -25,10 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lctrain.errors import ConfigError
-from lctrain.eval import haystack as hs
-from lctrain.eval.scoring import MODES, _device_of, logits_at, score_forced, score_generate
-from lctrain.eval.synthetic import (
+from lctrain.data.synthetic import (
     IGNORE_INDEX,
     STREAMS,
     MQARSpec,
@@ -38,6 +35,9 @@ from lctrain.eval.synthetic import (
     parse_query,
     parse_synthetic,
 )
+from lctrain.errors import ConfigError
+from lctrain.eval import haystack as hs
+from lctrain.eval.scoring import MODES, _device_of, logits_at, score_forced, score_generate
 
 
 @dataclass

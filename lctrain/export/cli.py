@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from lctrain.data.synthetic import is_synthetic
 from lctrain.errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -81,7 +82,7 @@ def run_tokenizer(cfg, run_dir: Path, choice: str = "auto") -> Path | None:
         if not p.is_file():
             raise ConfigError(f"tokenizer={choice}: no such file (a SentencePiece .model, auto or none)")
         return p
-    if str(cfg.data.path).startswith("synthetic:"):
+    if is_synthetic(cfg.data.path):
         print("[lctrain export] synthetic data: no text tokenizer to export", flush=True)
         return None
     if cfg.data.tokenizer != "auto":

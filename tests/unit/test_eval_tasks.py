@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lctrain.errors import ConfigError
-from lctrain.eval import haystack as hs
-from lctrain.eval.synthetic import (
+from lctrain.data.synthetic import (
     IGNORE_INDEX,
     MQARSpec,
     SyntheticTokenizer,
@@ -18,6 +16,8 @@ from lctrain.eval.synthetic import (
     mqar_example,
     parse_synthetic,
 )
+from lctrain.errors import ConfigError
+from lctrain.eval import haystack as hs
 from lctrain.eval.tasks import EvalContext, run_tasks
 from tests.conftest import tiny_overrides
 
