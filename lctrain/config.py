@@ -15,6 +15,7 @@ types cannot express (choices, ranges, divisibility) and names the allowed value
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -489,6 +490,26 @@ def _check_kernel_limits(m: ModelConfig) -> None:
     check_mixers_kernel_limits(m, plan.choice)
 
 
+WANDB_INSTALL_HINT = 'pip install -e ".[wandb]" (or pip install wandb)'
+
+
+def check_wandb_installed() -> None:
+    """Raise :class:`ConfigError` (naming the ``wandb`` extra) when the wandb package cannot be imported.
+
+    Called by :func:`validate` for ``train.wandb=true``, so the run stops at start-up, and by
+    :class:`lctrain.train.wandb_logger.WandbRun`.
+    """
+    try:
+        found = importlib.util.find_spec("wandb") is not None
+    except (ImportError, ValueError):  # a broken install, or sys.modules["wandb"] = None
+        found = False
+    if not found:
+        raise ConfigError(
+            f"train.wandb=true needs the wandb package, which is not installed: {WANDB_INSTALL_HINT}; "
+            f"or set train.wandb=false"
+        )
+
+
 def validate(cfg: RunConfig) -> None:
     """Check values types cannot express; raise :class:`ConfigError` naming the key and allowed values.
 
@@ -554,8 +575,6 @@ def validate(cfg: RunConfig) -> None:
              "of an existing checkpoint directory (e.g. runs/x/checkpoints/step_00000100)")
     check_data_path(d.path)  # by its source in lctrain.data.sources.SOURCES, the table build_data reads
     if t.wandb:
-        from lctrain.train.wandb_logger import check_wandb_installed
-
         check_wandb_installed()  # ConfigError naming the extra
     _require(p.dp_degree == -1 or p.dp_degree >= 1, "parallel.dp_degree", p.dp_degree, "must be -1 (auto) or >= 1")
     if p.cp_degree > 1 or p.ulysses_degree > 1:  # zigzag chunks, Ulysses head split, conv halo

@@ -11,30 +11,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as e:
-        raise ImportError("evaluation charts need matplotlib: pip install matplotlib") from e
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+from lctrain.train.curves import pyplot, save_figure
 
 
 def plot_perplexity(result: dict, path: Path) -> None:
     """Loss by position bucket (line) and the per-document loss distribution (histogram)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     pts = [r for r in result["by_position"] if r["loss"] is not None]
     a.plot([(r["start"] + r["end"] - 1) / 2 for r in pts], [r["loss"] for r in pts], marker="o")
@@ -47,12 +29,12 @@ def plot_perplexity(result: dict, path: Path) -> None:
     b.set_xlabel("document loss")
     b.set_ylabel("documents")
     b.set_title(f"{result['num_docs']} documents, {result['source']}")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_mqar(result: dict, path: Path) -> None:
     """Accuracy by key-to-query distance bucket with the chance levels."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     bk = result["by_distance"]
     ax.bar(range(len(bk)), [b["accuracy"] for b in bk], color="tab:blue")
@@ -64,12 +46,12 @@ def plot_mqar(result: dict, path: Path) -> None:
     s = result["spec"]
     ax.set_title(f"MQAR accuracy {result['accuracy']:.3f} (V={s['vocab']}, {s['num_pairs']} pairs, T={s['seq_len']})")
     ax.legend(loc="upper right", fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_passkey(result: dict, path: Path) -> None:
     """Heatmap of accuracy by key depth (rows) and prompt length (columns)."""
-    plt = _pyplot()
+    plt = pyplot()
     grid = [[float("nan") if v is None else v for v in row] for row in result["grid"]]
     fig, ax = plt.subplots(figsize=(max(4.8, 2.0 + 1.1 * len(result["lengths"])), 1.4 + 0.55 * len(result["depths"])))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
@@ -82,12 +64,12 @@ def plot_passkey(result: dict, path: Path) -> None:
     ax.set_ylabel("key depth")
     ax.set_title(f"passkey accuracy {result['accuracy']:.3f} ({result['mode']})")
     fig.colorbar(im, ax=ax, fraction=0.05)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_niah(result: dict, path: Path) -> None:
     """Grouped bars: accuracy per subtask at each prompt length."""
-    plt = _pyplot()
+    plt = pyplot()
     subs = list(result["by_subtask"])
     lengths = [str(x) for x in result["lengths"]]
     fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -99,4 +81,4 @@ def plot_niah(result: dict, path: Path) -> None:
     ax.set_ylabel("accuracy")
     ax.set_title(f"needle in a haystack, mean accuracy {result['accuracy']:.3f} ({result['mode']})")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)

@@ -27,6 +27,32 @@ METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the headless Agg backend (for run curves and evaluation charts).
+
+    Raises:
+        ImportError: matplotlib is missing (the message says how to install it).
+    """
+    try:
+        import matplotlib  # optional dependency
+    except ImportError as e:
+        raise ImportError("charts need matplotlib: pip install matplotlib") from e
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write ``fig`` as a PNG (110 dpi, tight layout) to ``path`` (parents created) and close it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 def read_history(path: str | os.PathLike) -> list[dict]:
     """The rows of a ``metrics.jsonl`` (an unreadable last line, from a killed run, is skipped)."""
     rows = []
@@ -93,9 +119,7 @@ def plot_curves(rows: list[dict], path: str | os.PathLike, title: str = "") -> P
     Raises:
         ImportError: matplotlib is missing.
     """
-    from lctrain.eval.plots import _pyplot, _save
-
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import FuncFormatter, MaxNLocator
     tasks = sorted({tag for r in rows if r["kind"] == "val" for tag in r["scalars"]
                     if tag.endswith("/accuracy") and not tag.startswith("val/")})
@@ -151,7 +175,7 @@ def plot_curves(rows: list[dict], path: str | os.PathLike, title: str = "") -> P
     if title:
         fig.suptitle(title, fontsize=10)
     out = Path(path)
-    _save(fig, out)
+    save_figure(fig, out)
     return out
 
 

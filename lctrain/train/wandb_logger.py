@@ -19,31 +19,14 @@ leet`` shows it in a terminal), ``disabled`` (every call is a no-op; for dry run
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any
 
+from lctrain.config import check_wandb_installed
 from lctrain.errors import ConfigError
 
 RUN_ID_FILE = "wandb_run_id"
-INSTALL_HINT = 'pip install -e ".[wandb]" (or pip install wandb)'
-
-
-def check_wandb_installed() -> None:
-    """Raise :class:`ConfigError` (naming the ``wandb`` extra) when the wandb package cannot be imported.
-
-    Called by :func:`lctrain.config.validate` for ``train.wandb=true``, so the run stops at start-up.
-    """
-    try:
-        found = importlib.util.find_spec("wandb") is not None
-    except (ImportError, ValueError):  # a broken install, or sys.modules["wandb"] = None
-        found = False
-    if not found:
-        raise ConfigError(
-            f"train.wandb=true needs the wandb package, which is not installed: {INSTALL_HINT}; "
-            f"or set train.wandb=false"
-        )
 
 
 def run_id_for(out_dir: str | os.PathLike, resume: bool) -> tuple[str | None, bool]:

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import lctrain.data.sources as sources
 from lctrain.config import RunConfig, validate
-from lctrain.data import build_data, load_documents
+from lctrain.data import build_data, load_documents, sources
 from lctrain.data.sources import DataSource, allowed_forms, check_data_path, resolve_path, source_for
 from lctrain.errors import ConfigError
 
