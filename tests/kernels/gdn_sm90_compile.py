@@ -27,7 +27,9 @@ def main(dtype: str, dim: int) -> int:
     from triton.compiler import ASTSource
 
     from lctrain.kernels.gated_delta_rule import triton_kernels as tk
-    from lctrain.kernels.gated_delta_rule.triton_chunk import BT, _dot_config, _launch, _pow2
+    from lctrain.kernels.gated_delta_rule.triton_chunk import (
+        BT, _bwd_launch, _dh_v_block, _dot_config, _k_tile, _launch, _pow2, _prep_launch, _wy_prec,
+    )
 
     tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     ptr = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}[dtype]
@@ -36,14 +38,17 @@ def main(dtype: str, dim: int) -> int:
     types = {n: "*i32" for n in ("chunk_bos", "chunk_eos", "seq_bos", "seq_eos", "seq_chunk0")}
     inter = ("w", "u", "w_out", "u_out", "h", "h_out", "vnew", "vnew_out", "dh", "dh_out", "dnv", "dnv_out")
     types.update({n: ptr for n in ("q", "k", "v", "do", "o", *inter)})
-    common = dict(H=4, HV=8, K=dim, V=dim, BT=BT, BK=BK, BV=BV, **_dot_config(tdt))
+    types.update(scale="fp32", TT="i32")
+    common = dict(H=4, HV=8, K=dim, V=dim, BT=BT, BK=BK, BV=BV, **_dot_config(tdt), WPREC=_wy_prec(tdt))
     jobs = [
-        (tk._prep_kernel, {}, _launch(BK)),
+        (tk._prep_kernel, {"BK": _k_tile(dim)}, _prep_launch(dim)),
         (tk._fwd_h_kernel, {"HAS_H0": True}, _launch(BK)),
         (tk._fwd_o_kernel, {}, _launch(BK)),
         (tk._bwd_dv_local_kernel, {}, _launch(BK)),
-        (tk._bwd_dh_kernel, {"HAS_DHT": True}, _launch(BK)),
-        (tk._bwd_main_kernel, {}, _launch(BK)),
+        (tk._bwd_dh_kernel, {"HAS_DHT": True, "BV": _dh_v_block(BK, BV)}, _launch(BK)),
+        (tk._bwd_wy_v_kernel, {"BK": _k_tile(dim)}, _bwd_launch("wy_v", dim)),
+        (tk._bwd_dqk_kernel, {"BK": _k_tile(dim)}, _bwd_launch("dqk", dim)),
+        (tk._bwd_wy_kernel, {"BK": _k_tile(dim)}, _bwd_launch("wy", dim)),
         (tk._fused_recurrent_kernel, {"BV": min(32, BV), "HAS_H0": True, "STORE_HT": True},
          {"num_warps": 4, "num_stages": 1}),
     ]
@@ -53,7 +58,7 @@ def main(dtype: str, dim: int) -> int:
         consts = {k: v for k, v in {**common, **extra}.items() if k in params}
         sig = {}
         for n in params:
-            sig[n] = "constexpr" if n in consts else ("fp32" if n == "scale" else types.get(n, "*fp32"))
+            sig[n] = "constexpr" if n in consts else types.get(n, "*fp32")
         try:
             ck = triton.compile(ASTSource(fn, sig, consts), target=target, options=opts)
         except Exception as e:

@@ -7,8 +7,9 @@ et al., arXiv:2406.06484), computed by the kernels of ``triton_kernels.py`` with
 forward:  prep (gamma, X = (I + M)^-1, W, U per chunk) -> sequential state pass (states entering
           each chunk, pseudo-values nv, final state) -> output (O = inter + intra).
 backward: recomputes prep and the state pass (nothing but the inputs is saved for backward), then
-          dnv_local, the reverse sequential pass over dS, and one chunk-local kernel for
-          dq, dk, dv, dg, dbeta.
+          dnv_local, the reverse sequential pass over dS, and three chunk-local kernels with tiles
+          of at most [64, 64] (K and V looped in blocks of 64): value side (dv, dAqk), state side
+          per K tile (dq, dk, dW), WY side (dk, dg, dbeta).
 
 Ops (compile without graph breaks under ``torch.compile``; the fake kernels give the shapes):
 
@@ -89,6 +90,36 @@ def _launch(BK: int) -> dict:
     return {"num_warps": 8 if BK >= 128 else 4, "num_stages": 1}
 
 
+def _k_tile(K: int) -> int:
+    """K tile of the chunk-local backward kernels (they loop over K in tiles of at most 64)."""
+    return min(64, _pow2(K))
+
+
+def _dh_v_block(BK: int, BV: int) -> int:
+    """V block of ``_bwd_dh_kernel``: 32 past K = 128 (its [K, BV] fp32 state and the [64, K]
+    operands stay in registers on sm90: 2.2 KB of spills per thread at [256, 64], 1.4 KB at 32)."""
+    return min(BV, 32) if BK > 128 else BV
+
+
+def _prep_launch(K: int) -> dict:
+    """Launch options of ``_prep_kernel`` (tiles of at most [64, 64]; sm90 spill budget)."""
+    return {"num_warps": 4, "num_stages": 1}
+
+
+def _bwd_launch(name: str, K: int) -> dict:
+    """Launch options of the chunk-local backward kernels (``wy_v``, ``dqk``, ``wy``), whose tiles
+    are at most [64, 64] at every head dim: the choices that keep each under the sm90 spill budget
+    (``tests/kernels/sm90_budgets.py`` compiles them with these)."""
+    warps = {"wy_v": 4, "dqk": 8, "wy": 4 if K <= 64 else 8}[name]
+    return {"num_warps": warps, "num_stages": 1}
+
+
+def _wy_prec(dtype: torch.dtype) -> str:
+    """Input precision of the fp32 dots of the WY inverse and its gradient: IEEE for fp32 inputs,
+    3xTF32 (fp32-level accuracy on tensor cores, far fewer registers than FMA dots) otherwise."""
+    return "ieee" if dtype == torch.float32 else "tf32x3"
+
+
 def _dot_config(dtype: torch.dtype) -> dict:
     """Constexprs of the kernels' dots: operand dtype DT and input precision PREC."""
     import triton.language as tl
@@ -115,7 +146,7 @@ def _forward_states(q, k, v, g, beta, initial_state, tabs, N, NT, BK, BV, lowp):
     if NT > 0:
         tk._prep_kernel[(NT, HV)](
             k, v, g, beta, gamma, x, w, u, ch_bos, ch_eos,
-            H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, **lowp, **_launch(BK),
+            H=H, HV=HV, K=K, V=V, BT=BT, BK=_k_tile(K), BV=BV, **lowp, WPREC=_wy_prec(k.dtype), **_prep_launch(K),
         )
     h = torch.empty(max(NT, 1), HV, K, V, dtype=inter, device=dev)
     vnew = torch.empty(TT, HV, V, dtype=inter, device=dev)
@@ -178,21 +209,38 @@ def _bwd_impl(do, dht, q, k, v, g, beta, scale, initial_state, cu_seqlens):
     dh = torch.empty_like(h)
     dnv = torch.empty_like(vnew)
     dh0 = torch.empty(N, HV, K, V, dtype=torch.float32, device=dev)
-    tk._bwd_dh_kernel[(N * HV, triton_cdiv(V, BV))](
+    BVH = _dh_v_block(BK, BV)
+    tk._bwd_dh_kernel[(N * HV, triton_cdiv(V, BVH))](
         q, k, w, gamma, do, dvl, dht.contiguous() if dht is not None else dh0, dh, dnv, dh0,
         seq_bos, seq_eos, seq_c0, scale,
-        H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_DHT=dht is not None, **lowp, **_launch(BK),
+        H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BVH, HAS_DHT=dht is not None, **lowp, **_launch(BK),
     )
-    dq = torch.zeros(TT, HV, K, dtype=torch.float32, device=dev)
-    dk = torch.zeros(TT, HV, K, dtype=torch.float32, device=dev)
-    dv = torch.zeros(TT, HV, V, dtype=torch.float32, device=dev)
-    dg = torch.zeros(TT, HV, dtype=torch.float32, device=dev)
-    dbeta = torch.zeros(TT, HV, dtype=torch.float32, device=dev)
+    dq = torch.empty(TT, HV, K, dtype=torch.float32, device=dev)
+    dk = torch.empty(TT, HV, K, dtype=torch.float32, device=dev)
+    dv = torch.empty(TT, HV, V, dtype=torch.float32, device=dev)
+    dg = torch.empty(TT, HV, dtype=torch.float32, device=dev)
+    dbeta = torch.empty(TT, HV, dtype=torch.float32, device=dev)
     if NT > 0:
-        tk._bwd_main_kernel[(NT, HV)](
-            q, k, v, beta, gamma, x, h, dh, vnew, dnv, do, dq, dk, dv, dg, dbeta, ch_bos, ch_eos, scale,
-            H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, BV=BV, **lowp, **_launch(BK),
+        BKT = _k_tile(K)
+        NK = triton_cdiv(K, BKT)
+        dad = torch.empty(TT, HV, BT, dtype=torch.float32, device=dev)  # dAqk * D * scale
+        dxv = torch.empty(TT, HV, BT, dtype=torch.float32, device=dev)  # dnv (beta V)^T
+        dw = torch.empty(TT, HV, K, dtype=torch.float32, device=dev)
+        dgp = torch.empty(NK + 1, TT, HV, dtype=torch.float32, device=dev)  # dgamma parts
+        tk._bwd_wy_v_kernel[(NT, HV)](
+            q, k, v, beta, gamma, x, vnew, dnv, do, dv, dad, dxv, dgp, dbeta, ch_bos, ch_eos, scale,
+            H=H, HV=HV, K=K, V=V, BT=BT, BK=BKT, BV=BV, **lowp, **_bwd_launch("wy_v", K),
         )
+        tk._bwd_dqk_kernel[(NK, NT, HV)](
+            q, k, gamma, h, dh, vnew, dnv, do, dad, dq, dk, dw, dgp, ch_bos, ch_eos, scale, TT,
+            H=H, HV=HV, K=K, V=V, BT=BT, BK=BKT, BV=BV, **lowp, **_bwd_launch("dqk", K),
+        )
+        tk._bwd_wy_kernel[(NT, HV)](
+            k, beta, gamma, x, dxv, dw, dk, dgp, dg, dbeta, ch_bos, ch_eos, TT,
+            H=H, HV=HV, K=K, BT=BT, BK=BKT, **lowp, WPREC=_wy_prec(q.dtype), **_bwd_launch("wy", K),
+        )
+    else:
+        dq.zero_(), dk.zero_(), dv.zero_(), dg.zero_(), dbeta.zero_()
     G = HV // H
     dq = dq.view(B, T, H, G, K).sum(3)
     dk = dk.view(B, T, H, G, K).sum(3)

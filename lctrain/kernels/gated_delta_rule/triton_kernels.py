@@ -18,7 +18,11 @@ Backward, with ``dS'`` the gradient of the state leaving the chunk (reverse sequ
     dnv = tril(scale Q K^T * D)^T dO + (K exp(gamma_last - gamma)) dS'
     dS  = exp(gamma_last) dS' + (scale Q exp(gamma))^T dO - W^T dnv
 
-and every other gradient is chunk-local (``_bwd_main_kernel``). ``X`` is inverted by forward
+and every other gradient is chunk-local, in three kernels whose tiles are at most [64, 64] (K and
+V are looped in blocks of 64, so that they stay within the sm90 register budget at K = 256):
+``_bwd_wy_v_kernel`` (dv, dAqk, the V half of dX), ``_bwd_dqk_kernel`` per K tile (dq, dk
+through Aqk and S', dW) and ``_bwd_wy_kernel`` (dk through W and M, dg, dbeta); the dgamma terms
+go through a small per-part buffer summed by the last. ``X`` is inverted by forward
 substitution inside each 16 x 16 diagonal block followed by the exact block-Neumann product
 ``(I + A)^-1 = (I - N)(I + N^2) Dinv`` with ``N = Dinv A_offdiag`` (N^4 = 0 for 4 blocks).
 
@@ -26,7 +30,10 @@ Layout: every token tensor is packed ``[T_all, heads, dim]`` (contiguous); chunk
 each chunk its first token and the end of its sequence (varlen). Value head ``hv`` reads q/k
 head ``hv // G``. Accumulation is fp32; the dot operands are cast to the constexpr ``DT``:
 bf16 (fp16) for bf16 (fp16) inputs (tensor cores; the state is rounded for those dots, as in fla),
-fp32 with ``PREC="ieee"`` for fp32 inputs. The WY inverse and its gradient always use IEEE fp32.
+fp32 with ``PREC="ieee"`` for fp32 inputs. ``K K^T`` takes the same operands (exact products for
+bf16/fp16 keys). The fp32 dots of the WY inverse (the block-Neumann product) and of
+``dM = -X^T dX X^T`` use ``WPREC``: IEEE for fp32 inputs, 3xTF32 (fp32-level accuracy on tensor
+cores; FMA dots spill kilobytes of registers on sm90) for bf16/fp16.
 
 Sums and the in-chunk cumsum are written as ``tl.reduce`` / ``tl.associative_scan`` with the sum
 combine function (what ``tl.sum`` / ``tl.cumsum`` expand to): identical code on GPU, but it
@@ -52,8 +59,9 @@ def _prep_kernel(
     k, v, g, beta, gamma_out, x_out, w_out, u_out, chunk_bos, chunk_eos,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    WPREC: tl.constexpr,
 ):
-    """Per (chunk, value head): gamma, X = (I + M)^-1, W, U."""
+    """Per (chunk, value head): gamma, X = (I + M)^-1, W, U (K and V looped in tiles of BK, BV)."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_h = i_hv // (HV // H)
     bos = tl.load(chunk_bos + i_c).to(tl.int64)
@@ -61,22 +69,22 @@ def _prep_kernel(
     o_t = tl.arange(0, BT)
     t = bos + o_t
     m_t = t < eos
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
 
     b_g = tl.load(g + t * HV + i_hv, mask=m_t, other=0.0).to(tl.float32)
     b_gam = tl.associative_scan(b_g, 0, _add)
     tl.store(gamma_out + t * HV + i_hv, b_gam, mask=m_t)
     b_beta = tl.load(beta + t * HV + i_hv, mask=m_t, other=0.0).to(tl.float32)
-    b_k = tl.load(k + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-    b_k = b_k.to(tl.float32)
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range((K + BK - 1) // BK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        b_k = tl.load(k + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
+        b_kk += tl.dot((b_k).to(DT), (tl.trans(b_k)).to(DT), input_precision=PREC)  # exact products
 
     row = o_t[:, None]
     col = o_t[None, :]
     strict = row > col
-    b_d = tl.exp(tl.where(row >= col, b_gam[:, None] - b_gam[None, :], float("-inf")))
-    b_a = tl.dot(b_k, tl.trans(b_k), input_precision="ieee") * b_beta[:, None] * b_d
-    b_a = tl.where(strict, b_a, 0.0)
+    b_d = tl.exp(tl.where(strict, b_gam[:, None] - b_gam[None, :], float("-inf")))
+    b_a = b_kk * b_beta[:, None] * b_d  # M: zero on and above the diagonal
 
     # inverse of the 16 x 16 diagonal blocks by forward substitution (all 4 blocks at once)
     same_blk = (row // 16) == (col // 16)
@@ -90,25 +98,27 @@ def _prep_kernel(
         b_x = tl.where(sel[:, None] & same_blk, eye - t_row[None, :], b_x)
     # block-Neumann product for the off-diagonal blocks
     b_ao = tl.where(same_blk, 0.0, b_a)
-    b_n = tl.dot(b_x, b_ao, input_precision="ieee")
-    b_n2 = tl.dot(b_n, b_n, input_precision="ieee")
-    b_p = tl.dot(eye - b_n, eye + b_n2, input_precision="ieee")
-    b_x = tl.dot(b_p, b_x, input_precision="ieee")
+    b_n = tl.dot(b_x, b_ao, input_precision=WPREC)
+    b_n2 = tl.dot(b_n, b_n, input_precision=WPREC)
+    b_p = tl.dot(eye - b_n, eye + b_n2, input_precision=WPREC)
+    b_x = tl.dot(b_p, b_x, input_precision=WPREC)
     tl.store(x_out + (t[:, None] * HV + i_hv) * BT + o_t[None, :], b_x, mask=m_t[:, None])
 
-    b_kbg = b_k * (b_beta * tl.exp(b_gam))[:, None]
-    b_w = tl.dot((b_x).to(DT), (b_kbg).to(DT), input_precision=PREC)
-    tl.store(
-        w_out + (t[:, None] * HV + i_hv) * K + o_k[None, :],
-        b_w.to(w_out.dtype.element_ty),
-        mask=m_t[:, None] & m_k[None, :],
-    )
+    b_xd = b_x.to(DT)
+    b_bg = b_beta * tl.exp(b_gam)
+    for i_k in range((K + BK - 1) // BK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        p_tk = (t[:, None] * HV + i_hv) * K + o_k[None, :]
+        b_k = tl.load(k + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_w = tl.dot(b_xd, (b_k * b_bg[:, None]).to(DT), input_precision=PREC)
+        tl.store(w_out + p_tk, b_w.to(w_out.dtype.element_ty), mask=m_tk)
     for i_v in range((V + BV - 1) // BV):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v < V)[None, :]
         p_v = (t[:, None] * HV + i_hv) * V + o_v[None, :]
         b_v = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
-        b_u = tl.dot((b_x).to(DT), (b_v * b_beta[:, None]).to(DT), input_precision=PREC)
+        b_u = tl.dot(b_xd, (b_v * b_beta[:, None]).to(DT), input_precision=PREC)
         tl.store(u_out + p_v, b_u.to(u_out.dtype.element_ty), mask=m_tv)
 
 
@@ -282,27 +292,34 @@ def _bwd_dh_kernel(
         g_last = tl.load(gamma + last * HV + i_hv)
         b_gam = tl.load(gamma + t * HV + i_hv, mask=m_t, other=0.0)
         b_gam = tl.where(m_t, b_gam, g_last)
-        b_k = tl.load(k + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        b_q = tl.load(q + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        b_w = tl.load(w + (t[:, None] * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        # each [BT, K] operand is loaded where it is used and kept only in the dot dtype
         p_tv = (t[:, None] * HV + i_hv) * V + o_v[None, :]
-        b_do = tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        b_k = tl.load(k + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_kd = (b_k.to(tl.float32) * tl.exp(g_last - b_gam)[:, None]).to(DT)
         b_dnv = tl.load(dvl + p_tv, mask=m_tv, other=0.0)
-        b_kd = b_k * tl.exp(g_last - b_gam)[:, None]
-        b_dnv += tl.dot((b_kd).to(DT), (b_ds).to(DT), input_precision=PREC)
+        b_dnv += tl.dot(b_kd, (b_ds).to(DT), input_precision=PREC)
         tl.store(dnv_out + p_tv, b_dnv.to(dnv_out.dtype.element_ty), mask=m_tv)
-        b_qd = b_q * (tl.exp(b_gam) * scale)[:, None]
-        b_ds = b_ds * tl.exp(g_last) + tl.dot((tl.trans(b_qd)).to(DT), (b_do).to(DT), input_precision=PREC) - tl.dot((tl.trans(b_w)).to(DT), (b_dnv).to(DT), input_precision=PREC)
+        b_w = tl.load(w + (t[:, None] * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_ds = b_ds * tl.exp(g_last) - tl.dot((tl.trans(b_w)).to(DT), (b_dnv).to(DT), input_precision=PREC)
+        b_q = tl.load(q + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_qd = (b_q.to(tl.float32) * (tl.exp(b_gam) * scale)[:, None]).to(DT)
+        b_do = tl.load(do + p_tv, mask=m_tv, other=0.0)
+        b_ds += tl.dot(tl.trans(b_qd), (b_do).to(DT), input_precision=PREC)
     tl.store(dh0_out + p_state, b_ds, mask=m_kv)
 
 
 @triton.jit
-def _bwd_main_kernel(
-    q, k, v, beta, gamma, x, h, dh, vnew, dnv, do, dq, dk, dv, dg, dbeta, chunk_bos, chunk_eos, scale,
+def _bwd_wy_v_kernel(
+    q, k, v, beta, gamma, x, vnew, dnv, do, dv, dad_out, dxv_out, dgp, dbeta, chunk_bos, chunk_eos, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """All chunk-local gradients for one (chunk, value head): dq, dk (per value head), dv, dg, dbeta."""
+    """Value-side gradients of one (chunk, value head), looping over V blocks then K tiles.
+
+    dv = beta X^T dnv and its share of dbeta; dAqk = tril(dO nv^T) and the dgamma terms of
+    Aqk = tril(scale Q K^T * D) (stored in ``dgp[0]``); stores dAd = dAqk * D * scale and
+    dX_v = dnv (beta V)^T (the V half of dX) for the next kernels.
+    """
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_h = i_hv // (HV // H)
     bos = tl.load(chunk_bos + i_c).to(tl.int64)
@@ -311,26 +328,78 @@ def _bwd_main_kernel(
     t = bos + o_t
     m_t = t < eos
     last = tl.minimum(bos + BT, eos) - 1
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    m_tk = m_t[:, None] & m_k[None, :]
     row = o_t[:, None]
     col = o_t[None, :]
     causal = row >= col
-    strict = row > col
 
+    b_beta = tl.load(beta + t * HV + i_hv, mask=m_t, other=0.0).to(tl.float32)
+    p_tt = (t[:, None] * HV + i_hv) * BT + o_t[None, :]
+    b_x = tl.load(x + p_tt, mask=m_t[:, None], other=0.0)
+    b_daqk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dx = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dbeta = tl.zeros([BT], dtype=tl.float32)
+    for i_v in range((V + BV - 1) // BV):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        p_tv = (t[:, None] * HV + i_hv) * V + o_v[None, :]
+        b_do = tl.load(do + p_tv, mask=m_tv, other=0.0)
+        b_nv = tl.load(vnew + p_tv, mask=m_tv, other=0.0)
+        b_daqk += tl.dot((b_do).to(DT), (tl.trans(b_nv)).to(DT), input_precision=PREC)
+        b_dnv = tl.load(dnv + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        b_dx += tl.dot((b_dnv).to(DT), (tl.trans(b_v * b_beta[:, None])).to(DT), input_precision=PREC)
+        b_dvb = tl.dot((tl.trans(b_x)).to(DT), (b_dnv).to(DT), input_precision=PREC)
+        tl.store(dv + p_tv, (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
+        b_dbeta += tl.reduce(b_dvb * b_v, 1, _add)
+    tl.store(dxv_out + p_tt, b_dx, mask=m_t[:, None])
+    tl.store(dbeta + t * HV + i_hv, b_dbeta, mask=m_t)
+
+    b_qk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range((K + BK - 1) // BK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        p_tk = (t[:, None] * H + i_h) * K + o_k[None, :]
+        b_q = tl.load(q + p_tk, mask=m_tk, other=0.0)
+        b_k = tl.load(k + p_tk, mask=m_tk, other=0.0)
+        b_qk += tl.dot((b_q).to(DT), (tl.trans(b_k)).to(DT), input_precision=PREC)
     g_last = tl.load(gamma + last * HV + i_hv)
     b_gam = tl.load(gamma + t * HV + i_hv, mask=m_t, other=0.0)
     b_gam = tl.where(m_t, b_gam, g_last)
-    b_beta = tl.load(beta + t * HV + i_hv, mask=m_t, other=0.0).to(tl.float32)
-    b_x = tl.load(x + (t[:, None] * HV + i_hv) * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
+    b_d = tl.exp(tl.where(causal, b_gam[:, None] - b_gam[None, :], float("-inf")))
+    b_daqk = tl.where(causal, b_daqk, 0.0)
+    b_p = b_daqk * b_qk * b_d * scale  # dAqk * Aqk
+    b_dgam = tl.reduce(b_p, 1, _add) - tl.reduce(b_p, 0, _add)
+    tl.store(dgp + t * HV + i_hv, b_dgam, mask=m_t)
+    tl.store(dad_out + p_tt, b_daqk * b_d * scale, mask=m_t[:, None])
+
+
+@triton.jit
+def _bwd_dqk_kernel(
+    q, k, gamma, h, dh, vnew, dnv, do, dad, dq, dk, dw_out, dgp, chunk_bos, chunk_eos, scale, TT,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """State-side gradients of one (K tile, chunk, value head), looping over V blocks.
+
+    dq (final), dk through Aqk and S' (partial: ``_bwd_wy_kernel`` adds the W terms), dW, and
+    this K tile's dgamma terms of Qd S, Aqk and S' (``dgp[1 + i_k]``; the exp(g_last) terms
+    enter at the chunk's last token).
+    """
+    i_k, i_c, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_h = i_hv // (HV // H)
+    bos = tl.load(chunk_bos + i_c).to(tl.int64)
+    eos = tl.load(chunk_eos + i_c).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    t = bos + o_t
+    m_t = t < eos
+    last = tl.minimum(bos + BT, eos) - 1
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
 
     b_dqd = tl.zeros([BT, BK], dtype=tl.float32)
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)
     b_dkd = tl.zeros([BT, BK], dtype=tl.float32)
-    b_daqk = tl.zeros([BT, BT], dtype=tl.float32)
-    b_dx = tl.zeros([BT, BT], dtype=tl.float32)
-    b_dbeta = tl.zeros([BT], dtype=tl.float32)
     b_de = tl.zeros([BK], dtype=tl.float32)
     p_h = (i_c.to(tl.int64) * HV + i_hv) * K
     for i_v in range((V + BV - 1) // BV):
@@ -339,75 +408,118 @@ def _bwd_main_kernel(
         m_tv = m_t[:, None] & m_v[None, :]
         m_kv = m_k[:, None] & m_v[None, :]
         p_kv = (p_h + o_k[:, None]) * V + o_v[None, :]
-        b_s = tl.load(h + p_kv, mask=m_kv, other=0.0).to(tl.float32)
-        b_dsp = tl.load(dh + p_kv, mask=m_kv, other=0.0).to(tl.float32)
         p_tv = (t[:, None] * HV + i_hv) * V + o_v[None, :]
-        b_nv = tl.load(vnew + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-        b_dnv = tl.load(dnv + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-        b_do = tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-        b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        b_s = tl.load(h + p_kv, mask=m_kv, other=0.0)
+        b_do = tl.load(do + p_tv, mask=m_tv, other=0.0)
         b_dqd += tl.dot((b_do).to(DT), (tl.trans(b_s)).to(DT), input_precision=PREC)
-        b_daqk += tl.dot((b_do).to(DT), (tl.trans(b_nv)).to(DT), input_precision=PREC)
+        b_dnv = tl.load(dnv + p_tv, mask=m_tv, other=0.0)
         b_dw -= tl.dot((b_dnv).to(DT), (tl.trans(b_s)).to(DT), input_precision=PREC)
+        b_dsp = tl.load(dh + p_kv, mask=m_kv, other=0.0)
+        b_nv = tl.load(vnew + p_tv, mask=m_tv, other=0.0)
         b_dkd += tl.dot((b_nv).to(DT), (tl.trans(b_dsp)).to(DT), input_precision=PREC)
-        b_de += tl.reduce(b_s * b_dsp, 1, _add)
-        b_vb = b_v * b_beta[:, None]
-        b_dx += tl.dot((b_dnv).to(DT), (tl.trans(b_vb)).to(DT), input_precision=PREC)
-        b_dvb = tl.dot((tl.trans(b_x)).to(DT), (b_dnv).to(DT), input_precision=PREC)
-        tl.store(dv + p_tv, (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
-        b_dbeta += tl.reduce(b_dvb * b_v, 1, _add)
+        b_de += tl.reduce(b_s.to(tl.float32) * b_dsp.to(tl.float32), 1, _add)
+    p_tk = (t[:, None] * HV + i_hv) * K + o_k[None, :]
+    tl.store(dw_out + p_tk, b_dw, mask=m_tk)
 
-    b_q = tl.load(q + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-    b_k = tl.load(k + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-    b_eg = tl.exp(b_gam)
-    b_d = tl.exp(tl.where(causal, b_gam[:, None] - b_gam[None, :], float("-inf")))
+    g_last = tl.load(gamma + last * HV + i_hv)
+    b_gam = tl.load(gamma + t * HV + i_hv, mask=m_t, other=0.0)
+    b_gam = tl.where(m_t, b_gam, g_last)
+    p_qk = (t[:, None] * H + i_h) * K + o_k[None, :]
+    b_q = tl.load(q + p_qk, mask=m_tk, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_qk, mask=m_tk, other=0.0).to(tl.float32)
+    b_dad = tl.load(dad + (t[:, None] * HV + i_hv) * BT + tl.arange(0, BT)[None, :], mask=m_t[:, None], other=0.0)
 
-    # O = Qd S + Aqk nv with Qd = scale Q exp(gamma), Aqk = tril(scale Q K^T * D)
-    b_qd = b_q * (b_eg * scale)[:, None]
-    b_dgam = tl.reduce(b_dqd * b_qd, 1, _add)
-    b_dq = b_dqd * (b_eg * scale)[:, None]
-    b_daqk = tl.where(causal, b_daqk, 0.0)
-    b_aqk = tl.where(causal, tl.dot((b_q).to(DT), (tl.trans(b_k)).to(DT), input_precision=PREC) * b_d, 0.0) * scale
-    b_p = b_daqk * b_aqk
-    b_dgam += tl.reduce(b_p, 1, _add) - tl.reduce(b_p, 0, _add)
-    b_dad = b_daqk * b_d * scale
-    b_dq += tl.dot((b_dad).to(DT), (b_k).to(DT), input_precision=PREC)
-    b_dk = tl.dot((tl.trans(b_dad)).to(DT), (b_q).to(DT), input_precision=PREC)
-
+    # O = Qd S + Aqk nv with Qd = scale Q exp(gamma); dAd = dAqk * D * scale
+    b_egs = tl.exp(b_gam) * scale
+    b_dgam = tl.reduce(b_dqd * b_q, 1, _add) * b_egs
+    b_dq = b_dqd * b_egs[:, None] + tl.dot((b_dad).to(DT), (b_k).to(DT), input_precision=PREC)
+    tl.store(dq + p_tk, b_dq, mask=m_tk)
     # S' = exp(g_last) S + Kd^T nv with Kd = K exp(g_last - gamma)
     b_el = tl.exp(g_last - b_gam)
-    b_dk += b_dkd * b_el[:, None]
-    b_pk = tl.reduce(b_dkd * b_k * b_el[:, None], 1, _add)
+    b_dk = tl.dot((tl.trans(b_dad)).to(DT), (b_q).to(DT), input_precision=PREC) + b_dkd * b_el[:, None]
+    tl.store(dk + p_tk, b_dk, mask=m_tk)
+    b_pk = tl.reduce(b_dkd * b_k, 1, _add) * b_el
     b_dgam -= b_pk
     d_last = tl.reduce(b_pk, 0, _add) + tl.reduce(b_de, 0, _add) * tl.exp(g_last)
-
-    # W = X Kbg with Kbg = beta K exp(gamma); U = X (beta V); X = (I + M)^-1
-    b_kbg = b_k * (b_beta * b_eg)[:, None]
-    b_dx += tl.dot((b_dw).to(DT), (tl.trans(b_kbg)).to(DT), input_precision=PREC)
-    b_dkbg = tl.dot((tl.trans(b_x)).to(DT), (b_dw).to(DT), input_precision=PREC)
-    b_dk += b_dkbg * (b_beta * b_eg)[:, None]
-    b_t = tl.reduce(b_dkbg * b_k, 1, _add) * b_eg
-    b_dbeta += b_t
-    b_dgam += b_t * b_beta
-    b_dm = -tl.dot(tl.dot(tl.trans(b_x), b_dx, input_precision="ieee"), tl.trans(b_x), input_precision="ieee")
-    b_dm = tl.where(strict, b_dm, 0.0)
-    b_kk = tl.dot(b_k, tl.trans(b_k), input_precision="ieee") * b_d
-    b_gm = b_dm * b_kk  # dM * (K K^T * D)
-    b_dbeta += tl.reduce(b_gm, 1, _add)
-    b_pm = b_gm * b_beta[:, None]  # dM * M
-    b_dgam += tl.reduce(b_pm, 1, _add) - tl.reduce(b_pm, 0, _add)
-    b_dkk = b_dm * b_d * b_beta[:, None]
-    b_dk += tl.dot(b_dkk, b_k, input_precision="ieee") + tl.dot(tl.trans(b_dkk), b_k, input_precision="ieee")
-
-    # gamma = cumsum(g): dg_t = sum_{i >= t} dgamma_i (d_last enters at the last valid token)
     b_dgam += tl.where(t == last, d_last, 0.0)
+    tl.store(dgp + ((1 + i_k) * TT + t) * HV + i_hv, b_dgam, mask=m_t)
+
+
+@triton.jit
+def _bwd_wy_kernel(
+    k, beta, gamma, x, dxv, dw, dk, dgp, dg, dbeta, chunk_bos, chunk_eos, TT,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, WPREC: tl.constexpr,
+):
+    """Gradients through W = X (beta K exp(gamma)) and X = (I + M)^-1 for one (chunk, value head).
+
+    Loops twice over K tiles: dX = dX_v + dW Kbg^T and K K^T, then dM = -X^T dX X^T and the dk
+    terms; adds dk to the partial of ``_bwd_dqk_kernel``, sums the dgamma parts into dg (reverse
+    in-chunk cumsum) and completes dbeta.
+    """
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_h = i_hv // (HV // H)
+    bos = tl.load(chunk_bos + i_c).to(tl.int64)
+    eos = tl.load(chunk_eos + i_c).to(tl.int64)
+    o_t = tl.arange(0, BT)
+    t = bos + o_t
+    m_t = t < eos
+    last = tl.minimum(bos + BT, eos) - 1
+    row = o_t[:, None]
+    col = o_t[None, :]
+    strict = row > col
+
+    g_last = tl.load(gamma + last * HV + i_hv)
+    b_gam = tl.load(gamma + t * HV + i_hv, mask=m_t, other=0.0)
+    b_gam = tl.where(m_t, b_gam, g_last)
+    b_beta = tl.load(beta + t * HV + i_hv, mask=m_t, other=0.0).to(tl.float32)
+    b_bg = b_beta * tl.exp(b_gam)
+    p_tt = (t[:, None] * HV + i_hv) * BT + o_t[None, :]
+    b_dx = tl.zeros([BT, BT], dtype=tl.float32)
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range((K + BK - 1) // BK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        b_k = tl.load(k + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_dw = tl.load(dw + (t[:, None] * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_dx += tl.dot((b_dw).to(DT), (tl.trans(b_k.to(tl.float32) * b_bg[:, None])).to(DT), input_precision=PREC)
+        b_kk += tl.dot((b_k).to(DT), (tl.trans(b_k)).to(DT), input_precision=PREC)  # exact products
+
+    b_dx += tl.load(dxv + p_tt, mask=m_t[:, None], other=0.0)
+    b_x = tl.load(x + p_tt, mask=m_t[:, None], other=0.0)
+    b_dm = -tl.dot(tl.dot(tl.trans(b_x), b_dx, input_precision=WPREC), tl.trans(b_x), input_precision=WPREC)
+    b_dm = tl.where(strict, b_dm, 0.0)
+    b_d = tl.exp(tl.where(strict, b_gam[:, None] - b_gam[None, :], float("-inf")))
+    b_dkk = b_dm * b_d
+    b_gm = b_dkk * b_kk  # dM * (K K^T * D)
+    b_dbeta = tl.reduce(b_gm, 1, _add)
+    b_pm = b_gm * b_beta[:, None]  # dM * M
+    b_dgam = tl.reduce(b_pm, 1, _add) - tl.reduce(b_pm, 0, _add)
+    b_dkk = b_dkk * b_beta[:, None]
+    b_dkk = (b_dkk + tl.trans(b_dkk)).to(DT)  # dk += dKK K + dKK^T K, one dot operand
+    b_xt = (tl.trans(b_x)).to(DT)
+    for i_k in range((K + BK - 1) // BK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        b_k = tl.load(k + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
+        p_tk = (t[:, None] * HV + i_hv) * K + o_k[None, :]
+        b_dw = tl.load(dw + p_tk, mask=m_tk, other=0.0)
+        b_dkbg = tl.dot(b_xt, (b_dw).to(DT), input_precision=PREC)
+        b_dk = tl.load(dk + p_tk, mask=m_tk, other=0.0) + b_dkbg * b_bg[:, None]
+        b_dk += tl.dot(b_dkk, (b_k).to(DT), input_precision=PREC)
+        tl.store(dk + p_tk, b_dk, mask=m_tk)
+        b_k = b_k.to(tl.float32)
+        b_tk = tl.reduce(b_dkbg * b_k, 1, _add) * tl.exp(b_gam)
+        b_dbeta += b_tk
+        b_dgam += b_tk * b_beta
+
+    # gamma = cumsum(g): dg_t = sum_{i >= t} dgamma_i over every part of dgamma
+    for i_p in range((K + BK - 1) // BK + 1):
+        b_dgam += tl.load(dgp + (i_p * TT + t) * HV + i_hv, mask=m_t, other=0.0)
     b_dgam = tl.where(m_t, b_dgam, 0.0)
     b_dg = tl.reduce(b_dgam, 0, _add) - tl.associative_scan(b_dgam, 0, _add) + b_dgam
-
-    p_tk = (t[:, None] * HV + i_hv) * K + o_k[None, :]
-    tl.store(dq + p_tk, b_dq, mask=m_tk)
-    tl.store(dk + p_tk, b_dk, mask=m_tk)
     tl.store(dg + t * HV + i_hv, b_dg, mask=m_t)
+    b_dbeta += tl.load(dbeta + t * HV + i_hv, mask=m_t, other=0.0)
     tl.store(dbeta + t * HV + i_hv, b_dbeta, mask=m_t)
 
 
