@@ -72,8 +72,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lctrain.errors import ConfigError
-from lctrain.kernels.limits import FLASH_MAX_HEAD_DIM, check_max
 from lctrain.kernels.dispatch import check_kernels
+from lctrain.kernels.limits import FLASH_MAX_HEAD_DIM, check_max
+from lctrain.kernels.moe.dispatch import expert_counts
+from lctrain.kernels.moe.grouped import grouped_linear
 from lctrain.kernels.ops import SoftmaxAttentionOp
 from lctrain.layers.attention import AttentionConfig
 from lctrain.layers.rope import RotaryEmbedding, default_position_ids
@@ -428,19 +430,15 @@ class MoHAttention(nn.Module):
         head = slot_head[order]
         weight = routing.head_weights.reshape(-1)[order]
         rows = o[token, head]  # [S*A, Dh], head-major
-        counts = torch.bincount(slot_head, minlength=H).tolist()  # one host sync
-        w_o = self.o_proj.weight
-        outs, start = [], 0
-        for h, n in enumerate(counts):
-            if n == 0:
-                continue
-            seg = rows[start:start + n]
-            cols = slice(h * Dh, (h + 1) * Dh)
-            if self.g_proj is not None:
-                seg = seg * torch.sigmoid(F.linear(x[token[start:start + n]], self.g_proj.weight[cols]))
-            outs.append(F.linear(seg, w_o[:, cols]))
-            start += n
-        y = torch.cat(outs)
+        counts = expert_counts(slot_head, H)  # on the device: the grouped GEMMs read no host copy
+        dtype = rows.dtype
+        if torch.is_autocast_enabled(rows.device.type):  # _grouped_mm is not on autocast's cast lists
+            dtype = torch.get_autocast_dtype(rows.device.type)
+        if self.g_proj is not None:  # gate of head h: x W_g[h*Dh:(h+1)*Dh].T, as [H, D, Dh]
+            w_g = self.g_proj.weight.to(dtype).view(H, Dh, -1).transpose(1, 2).contiguous()
+            rows = rows.to(dtype) * torch.sigmoid(grouped_linear(x[token].to(dtype), w_g, counts))
+        w_o = self.o_proj.weight.to(dtype).view(-1, H, Dh).permute(1, 2, 0).contiguous()  # head h: W_o[:, cols].T
+        y = grouped_linear(rows.to(dtype), w_o, counts)
         out = torch.zeros(S, y.shape[1], dtype=torch.float32, device=y.device)
         out = out.index_add(0, token, y.float() * weight[:, None])
         return out.to(y.dtype)

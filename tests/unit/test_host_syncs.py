@@ -125,3 +125,15 @@ def test_counter_sees_each_kind_of_sync():
         int(t[1])
         bool(t[0] > 0)
     assert c.count == 4, c.where
+
+
+def test_moh_selected_heads_path_makes_no_host_sync():
+    """MoH's selected-heads projection is one grouped GEMM per weight with device offsets."""
+    from lctrain.layers.moh import MoHAttention
+
+    layer = MoHAttention(64, 4, 2, 16, num_shared_heads=1, top_k=2, path="selected", kernels="torch").train()
+    x = torch.randn(1, 32, 64)
+    _, cu = _batch(10, 32, 3)
+    with SyncCounter() as c:
+        layer(x, None, cu).sum().backward()
+    assert layer.last_path_selected and c.count == 0, c.where

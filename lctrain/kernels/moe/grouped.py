@@ -20,6 +20,23 @@ import torch.nn.functional as F
 from lctrain.kernels.dispatch import triton_installed
 
 
+def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``torch._grouped_mm(a, b, offs)``: every row of the 2-D operand meets one ``[K, M]``
+    matrix (forward ``[N, K] x [G, K, M]``; weight gradient ``[K, N] x [N, M]`` split by ``offs``):
+    ``2 * a.numel() * M``. Registered with PyTorch's FLOP counter, which has no formula of its own."""
+    n = 1
+    for d in a_shape:
+        n *= d
+    return 2 * n * b_shape[-1]
+
+
+if hasattr(torch.ops.aten, "_grouped_mm"):
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    if torch.ops.aten._grouped_mm not in flop_registry and torch.ops.aten._grouped_mm.default not in flop_registry:
+        register_flop_formula(torch.ops.aten._grouped_mm)(_grouped_mm_flops)
+
+
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward makes the incoming gradient contiguous.
 
@@ -48,6 +65,32 @@ def grouped_mm_supported(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj:
         return False
     item = x.element_size()
     return all((n * item) % 16 == 0 for n in (x.shape[1], gate_up_proj.shape[2], down_proj.shape[1]))
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``x`` rows of group ``g`` times ``weight[g]``, for rows sorted by group.
+
+    One ``torch._grouped_mm`` call with the group offsets as a device tensor (no host read) where
+    it can run these operands (:func:`grouped_mm_supported`: CPU fp32/bf16, CUDA bf16 on sm90+),
+    else a loop over the groups (one host read of ``counts``).
+
+    Args:
+        x: [N, K] rows sorted by group (group 0's rows first).
+        weight: [G, K, M].
+        counts: int [G] rows of each group (summing to N; zeros allowed).
+
+    Returns:
+        [N, M] in ``x.dtype``; differentiable with respect to ``x`` and ``weight``.
+    """
+    if grouped_mm_supported(x, weight, weight.transpose(1, 2)):
+        offs = torch.cumsum(counts.to(device=x.device, dtype=torch.int64), 0).to(torch.int32)
+        return _ContiguousGrad.apply(torch._grouped_mm(x.contiguous(), weight, offs=offs))
+    outs, start = [], 0
+    for g, n in enumerate(counts.tolist()):  # one host read
+        if n:
+            outs.append(x[start:start + n] @ weight[g])
+            start += n
+    return torch.cat(outs) if outs else x.new_zeros(0, weight.shape[2]) + 0 * weight.sum()
 
 
 def grouped_swiglu(
