@@ -23,6 +23,7 @@ before its message is out. Without a process group every helper just runs / re-r
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -61,7 +62,10 @@ def exit_together(error: BaseException) -> None:
             dist.barrier()
         except Exception:  # noqa: BLE001 - a broken group: the ranks exit on their own
             pass
-    if threading.current_thread() is threading.main_thread():
+    # only a rank under a launcher (torchrun) is about to be sent SIGTERM; an in-process call (a
+    # test, a notebook) keeps its handlers, since an ignored signal is inherited by every child
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or _distributed()
+    if launched and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 

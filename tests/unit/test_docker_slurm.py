@@ -143,6 +143,11 @@ def test_entrypoint_help_prints_usage_not_script_lines():
     assert not any(line.startswith("#") or "set -euo" in line for line in lines), lines
 
 
+def _default_signals() -> None:
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(s, signal.SIG_DFL)
+
+
 def test_sbatch_relays_time_limit_signal_and_requeues(tmp_path):
     """USR1 before the time limit: the script sends TERM to srun (the ranks save and stop) and requeues."""
     bin_dir = tmp_path / "bin"
@@ -162,7 +167,9 @@ def test_sbatch_relays_time_limit_signal_and_requeues(tmp_path):
     }
     log = tmp_path / "out.txt"
     with open(log, "w") as f:
-        proc = subprocess.Popen([BASH, str(SBATCH), "recipe=gdn"], stdout=f, stderr=subprocess.STDOUT, env=env)
+        # default dispositions: a signal ignored in this process would be inherited (and untrappable)
+        proc = subprocess.Popen([BASH, str(SBATCH), "recipe=gdn"], stdout=f, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=_default_signals)
     deadline = time.monotonic() + 30
     while "srun-started" not in log.read_text() and time.monotonic() < deadline:
         time.sleep(0.05)
