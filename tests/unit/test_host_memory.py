@@ -43,7 +43,8 @@ def test_fixed_threshold_returns_freed_tensors_to_the_system():
         left[mode] = float(out.stdout.split()[-1])
     # fixed: every 8 MiB tensor was its own mapping, gone at free; dynamic: they came from the heap
     assert left["fixed"] < 16, left
-    assert left["dynamic"] > left["fixed"] + 32, left  # measured: 57.6 vs 1.5 MiB
+    # measured: 57.6 vs 1.5 MiB alone; 25.4 vs 1.3 MiB late in a full-suite run (the heap's history differs)
+    assert left["dynamic"] > left["fixed"] + 16, left
 
 
 def test_set_threshold_switches_and_peak_rss():
